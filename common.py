@@ -1,0 +1,307 @@
+"""What every stage script shares: config parsing, torch.distributed set-up, jsonl logs, checkpoints.
+
+- `parse_config(Config, argv)`: a dataclass filled from `--config FILE.yaml` then `--key=value` / `--key value`
+  overrides (CONTRACT: command line). `--help` lists every field with type and default; an unknown key is an
+  error naming it. Values are parsed by the field's type, never executed.
+- `init_distributed()`: torchrun (NCCL on GPU, gloo on CPU) or a single process.
+- `JsonlLog`: append-only jsonl that, on resume, is cut back to the resumed step (no step twice).
+- `save_checkpoint` / `load_checkpoint`: torch.distributed.checkpoint (each rank writes its own shard of the
+  model and optimizer, nothing is gathered on one rank) plus per-rank RNG and a json `state` (step, data
+  position, scheduler); written to `step_NNNNNN.tmp` and renamed, so a crash never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import random
+import shutil
+import sys
+import types
+import typing
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+
+def _convert(name: str, tp, raw):
+    """Parse a command-line string (or a YAML value) into the field's type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+            return None
+        return _convert(name, args[0], raw)
+    if not isinstance(raw, str):  # YAML already typed it
+        if tp is float and isinstance(raw, int):
+            return float(raw)
+        return raw
+    try:
+        if tp is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if tp is int:
+            return int(float(raw)) if "e" in raw.lower() else int(raw)
+        if tp is float:
+            return float(raw)
+        if origin is list:
+            return [_convert(name, typing.get_args(tp)[0], x) for x in raw.split(",") if x]
+        return raw
+    except ValueError:
+        raise ConfigError(f"--{name}: cannot parse {raw!r} as {getattr(tp, '__name__', tp)}") from None
+
+
+def config_help(cls) -> str:
+    hints = typing.get_type_hints(cls)
+    lines = [f"{cls.__doc__ or cls.__name__}", "", "Fields (--key=value; --config FILE.yaml sets several):"]
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        lines.append(f"  --{f.name:<24} {tp:<14} default {default!r}")
+    return "\n".join(lines)
+
+
+def parse_config(cls, argv: list[str] | None = None):
+    """Build `cls` (a dataclass) from an optional YAML file and `--key=value` / `--key value` overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(config_help(cls))
+        sys.exit(0)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r} (expected --key=value)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{arg[2:]} needs a value")
+            key, value = arg[2:], argv[i + 1]
+            i += 1
+        pairs.append((key.replace("-", "_"), value))
+        i += 1
+    values: dict = {}
+    for key, value in pairs:
+        if key == "config":
+            import yaml
+
+            with open(value) as f:
+                loaded = yaml.safe_load(f) or {}
+            for k, v in loaded.items():
+                if k not in names:
+                    raise ConfigError(f"{value}: unknown config key {k!r}")
+                values[k] = _convert(k, hints[k], v)
+    for key, value in pairs:
+        if key == "config":
+            continue
+        if key not in names:
+            raise ConfigError(f"unknown config key --{key} (see --help)")
+        values[key] = _convert(key, hints[key], value)
+    return cls(**values)
+
+
+def main_guard(fn, cls):
+    """Run `fn(cfg)`; bad configuration or data exits non-zero with one clear line."""
+    from data import DataError
+
+    try:
+        cfg = parse_config(cls)
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    try:
+        fn(cfg)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPU. Single process otherwise."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return Dist(rank, world, local, dev)
+
+
+def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.on:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_objects(obj, d: Dist) -> list:
+    if not d.on:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, d: Dist):
+    if not d.on:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(d: Dist) -> None:
+    if d.on:
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Logs
+
+
+class JsonlLog:
+    """One JSON object per line, written by rank 0; `truncate_after(step)` drops lines past a resumed step."""
+
+    def __init__(self, path: str, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def write(self, rows: dict | list[dict]) -> None:
+        if not self.enabled:
+            return
+        rows = [rows] if isinstance(rows, dict) else rows
+        with open(self.path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The newest complete checkpoint (`step_NNNNNN`; a `.tmp` left by a crash mid-write is ignored)."""
+    root = os.path.join(out_dir, "ckpt")
+    if not os.path.isdir(root):
+        return None
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
+                  and os.path.isfile(os.path.join(root, d, "state.json")))  # fmt: skip
+    return os.path.join(root, done[-1]) if done else None
+
+
+def _app_state(model, optimizer):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    return {"model": msd, "optim": osd}
+
+
+def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, d: Dist, keep: int = 2) -> str:
+    """Sharded model + optimizer through torch.distributed.checkpoint, per-rank RNG, and `state` (json)."""
+    import torch.distributed.checkpoint as dcp
+
+    root = os.path.join(out_dir, "ckpt")
+    final = os.path.join(root, f"step_{step:06d}")
+    tmp = final + ".tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(d)
+    dcp.save(_app_state(model, optimizer), checkpoint_id=tmp)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_{d.rank}.pt"))
+    barrier(d)
+    if d.main:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(dict(state, step=step, world=d.world), f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)  # the commit point: a checkpoint exists only once it is complete
+        old = sorted(x for x in os.listdir(root) if x.startswith("step_") and not x.endswith(".tmp"))
+        for x in old[:-keep]:
+            shutil.rmtree(os.path.join(root, x), ignore_errors=True)
+    barrier(d)
+    return final
+
+
+def load_checkpoint(path: str, model, optimizer, d: Dist) -> dict:
+    """Restore model, optimizer and this rank's RNG in place; return the json state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    app = _app_state(model, optimizer)
+    dcp.load(app, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"])
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    rng_file = os.path.join(path, f"rng_{d.rank}.pt")
+    if state.get("world") == d.world and os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
