@@ -398,10 +398,18 @@ class Policy(nn.Module):
 
 
 def set_gradient_checkpointing(model: Qwen2_5_VLForConditionalGeneration, on: bool) -> None:
-    if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers >= 5.2x renames gradient_* to activation_checkpointing_*; older 5.x has only the old names
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs) if on else model.activation_checkpointing_disable()
     else:
-        model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_enable(kwargs) if on else model.gradient_checkpointing_disable()
+
+
+def is_gradient_checkpointing(model: Qwen2_5_VLForConditionalGeneration) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(model.is_gradient_checkpointing)
 
 
 def freeze_vision(model: Qwen2_5_VLForConditionalGeneration, frozen: bool = True) -> None:
@@ -441,7 +449,7 @@ def gathered_for_generation(policy: nn.Module) -> Iterator[Qwen2_5_VLForConditio
     every FSDP unit's weights gathered once (`unshard` is per module, not recursive) and kept gathered
     through every forward, so no collective runs per token. Restores everything on exit."""
     model = policy.model if isinstance(policy, Policy) else policy
-    was_training, was_ckpt = policy.training, model.is_gradient_checkpointing
+    was_training, was_ckpt = policy.training, is_gradient_checkpointing(model)
     units = _fsdp_modules(policy)
     inner = [u for u in units if u is not policy]  # the root keeps its own reshard setting
     for unit in units:
@@ -449,7 +457,7 @@ def gathered_for_generation(policy: nn.Module) -> Iterator[Qwen2_5_VLForConditio
     for unit in inner:
         unit.set_reshard_after_forward(False)
     if was_ckpt:
-        model.gradient_checkpointing_disable()
+        set_gradient_checkpointing(model, False)
     policy.eval()
     try:
         yield model

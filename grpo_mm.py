@@ -1,0 +1,577 @@
+"""Stage 2, multimodal RL: GRPO written by hand, with the zero-advantage filter, PAD and the efficient-length
+reward (ReVisual-R1, arXiv 2506.04207, Section 4.1; equation numbers below are the paper's).
+
+One rollout step:
+  1. each rank samples `n` completions for its share of `rollout_batch` prompts with HF `generate`
+     (a complete generation config: the checkpoint's own top_k=1 never leaks in; vision tokens suppressed);
+  2. reward = w_acc * acc + w_fmt * format + w_len * R_len      (R_len: Eq. 5-6, reward.length_reward);
+  3. group advantages A_i = (r_i - mean_g) / (std_g + 1e-6)      (GRPO; unbiased std as the released code);
+  4. PAD (Algorithm 1) picks the sequences to train on, the same choice on every rank;
+  5. ceil(k' / mini_batch) AdamW updates per ppo epoch on the token-level clipped loss (`policy_loss`)
+     + kl_coef * k3 KL - beta_t * entropy, averaged over the global token count of each mini-batch.
+
+Where this departs from the paper (PAPER.md lists the sources):
+  - PAD: the paper gives no T_low, T_high, rho. Defaults T_low = 0.03 (released code), T_high = inf (the
+    released 0.97 drops the minority answers of a group, its most informative rollouts), rho = 0.5,
+    tau linear 1.0 -> 0.3 over the run (Table 5's 0.3 is its end value). `pad_mode="released"` is the released
+    code's variant: strict bounds 0.03 < |A| < 0.97, p ~ (|A| + 1e-8)^1.5, 1.5 N draws with replacement,
+    the full batch when E is empty. `"filter"` keeps all of E; `"off"` is plain GRPO.
+  - Clipping: the paper gives no epsilon; the released code's clip-higher (0.2 / 0.25), dual-clip c = 3 and
+    log-ratio clamp [ln 1e-3, ln 1e3] are the defaults.
+  - KL: omitted in this stage (paper), so no reference model is loaded (kl_coef = 0).
+  - Entropy bonus with warm-up and exponential decay (Table 5), in both RL stages (project choice).
+  - Truncated completions are graded as they are and kept in the loss (`truncation="keep"`); "mask" leaves
+    them out of the update (they still count in their group's advantage).
+Launch: `python grpo_mm.py --key=value ...` (one CPU) or `torchrun --nproc_per_node 8 grpo_mm.py --config
+configs/grpo_mm_7b.yaml`. grpo_text.py runs this same loop with text data and the vision tower frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import common as C
+import data as D
+import model as M
+import reward as R
+
+
+@dataclass
+class GRPOConfig:
+    """Multimodal GRPO (stage 2). Defaults run the tiny model on CPU; configs/grpo_mm_7b.yaml has Table 5's."""
+
+    model: str = "tiny"  # HF dir (sft.py's final/), or tiny / tiny-qwen
+    data: str = "out/synth/mm_train.jsonl"
+    eval_data: str = ""  # held-out split for in-loop validation (greedy accuracy)
+    out_dir: str = "out/grpo_mm"
+    max_steps: int = 60  # rollout steps (paper: 200, released code)
+    seed: int = 0
+    save_every: int = 20
+    eval_every: int = 0  # 0: only at the end
+    eval_limit: int = 200
+    resume: bool = True
+    # rollouts
+    rollout_batch: int = 16  # prompts per step, global (paper: 512)
+    n: int = 8  # completions per prompt
+    rollout_micro_batch: int = 16  # prompts per generate call per rank (memory knob)
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_prompt_len: int = 1024  # paper: 8192
+    max_new_tokens: int = 64  # paper: 8192
+    truncation: str = "keep"  # keep | mask
+    # update
+    mini_batch: int = 64  # sequences per optimizer update, global (paper: 128 prompts x 8 = 1024 sequences)
+    micro_batch: int = 32  # sequences per forward/backward per rank (memory knob)
+    ppo_epochs: int = 1
+    lr: float = 5e-5  # paper: 1e-6 (7B); the tiny model needs more, and forgets at >= 1e-4
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    clip_low: float = 0.2
+    clip_high: float = 0.25
+    dual_clip: float = 3.0  # 0 disables
+    logratio_clamp: float = math.log(1e3)
+    kl_coef: float = 0.0  # k3 ("low_var_kl"); 0 in this stage (paper)
+    kl_clamp: float = 10.0
+    entropy_beta0: float = 0.02
+    entropy_beta_min: float = 0.0
+    entropy_decay: float = 0.985
+    entropy_warmup: int = 140  # steps with beta = 0 (paper tau_w; released code: 20)
+    # PAD (Algorithm 1)
+    pad_mode: str = "paper"  # paper | released | filter | off
+    pad_t_low: float = 0.03
+    pad_t_high: float = math.inf
+    pad_rho: float = 0.5
+    pad_tau_start: float = 1.0
+    pad_tau_end: float = 0.3
+    # reward
+    w_acc: float = 0.8
+    w_fmt: float = 0.1
+    w_len: float = 0.1
+    len_budget: int = 48  # tiny models; 4096 in the 7B configs
+    len_alpha: float = 0.005
+    len_delta: float = 0.5
+    grade_workers: int = 1
+    # model
+    prompt: str = ""  # "" = what the starting checkpoint was trained with (else the paper's Fig. 5 prompt)
+    placement: str = ""  # system | user; "" = as the checkpoint recorded (else system)
+    freeze_vision: bool = False
+    gradient_checkpointing: bool = False
+    bf16: bool = False  # bf16 compute, fp32 master weights (GPU)
+    distributed: str = "fsdp"  # fsdp | ddp (multi-process only)
+    stage: str = "grpo_mm"
+    wandb_project: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The algorithm as functions of tensors
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """rewards (P, n) -> advantages (P, n): A_i = (r_i - mean_g) / (std_g + eps), std unbiased (over n - 1).
+    A group whose rewards are all equal gives zeros."""
+    mean = rewards.mean(-1, keepdim=True)
+    std = rewards.std(-1, unbiased=True, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def pad_tau(step: int, max_steps: int, start: float = 1.0, end: float = 0.3) -> float:
+    """PAD temperature, linear from `start` at step 0 to `end` at the last step (Algorithm 1, step 5)."""
+    frac = step / max(1, max_steps - 1)
+    return start + (end - start) * min(1.0, frac)
+
+
+def pad_select(adv: torch.Tensor, mode: str, t_low: float, t_high: float, tau: float, rho: float,
+               generator: torch.Generator, eligible: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, int, torch.Tensor]:  # fmt: skip
+    """Prioritized Advantage Distillation. adv (N,) -> (times_drawn (N,) long, |E|, the draws in order).
+
+    paper (Algorithm 1): E = {i : t_low <= |A_i| <= t_high}; P(i) = softmax(|A_i| / tau) over E;
+      k' = min(ceil(rho N), |E|) draws without replacement. E empty -> nothing is trained.
+    released: E = {0.03 < |A| < 0.97} (strict, bounds fixed), P ~ (|A| + 1e-8)^1.5, ceil(1.5 N) draws with
+      replacement; E empty -> the whole batch once.
+    filter: all of E once (the zero-advantage filter). off: every sequence once (plain GRPO; |E| = N).
+    `eligible` (N,) bool removes sequences before selection (truncation="mask").
+    """
+    n = adv.numel()
+    a = adv.abs().double()
+    ok = torch.ones(n, dtype=torch.bool) if eligible is None else eligible.bool()
+    drawn = torch.zeros(n, dtype=torch.long)
+    if mode == "off":
+        drawn[ok] = 1
+        return drawn, int(ok.sum()), ok.nonzero().flatten()
+    if mode == "released":
+        in_e = ok & (a > 0.03) & (a < 0.97)
+    else:
+        in_e = ok & (a >= t_low) & (a <= t_high)
+    idx = in_e.nonzero().flatten()
+    size_e = idx.numel()
+    if mode == "filter":
+        drawn[idx] = 1
+        return drawn, size_e, idx
+    if mode == "released":
+        if size_e == 0:
+            drawn[ok] = 1
+            return drawn, 0, ok.nonzero().flatten()
+        weights = (a[idx] + 1e-8) ** 1.5
+        picks = idx[torch.multinomial(weights, math.ceil(1.5 * n), replacement=True, generator=generator)]
+        drawn.index_add_(0, picks, torch.ones_like(picks))
+        return drawn, size_e, picks
+    if mode != "paper":
+        raise ValueError(f"pad_mode must be paper, released, filter or off; got {mode!r}")
+    if size_e == 0:
+        return drawn, 0, idx
+    logits = a[idx] / tau
+    weights = torch.softmax(logits, 0)  # P(i) = exp(|A_i|/tau) / sum_E exp(|A_j|/tau), stable
+    k = min(math.ceil(rho * n), size_e)
+    # torch.multinomial without replacement draws one index at a time from the renormalised P.
+    picks = idx[torch.multinomial(weights, k, replacement=False, generator=generator)]
+    drawn[picks] = 1
+    return drawn, size_e, picks
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                clip_low: float, clip_high: float, dual_clip: float, logratio_clamp: float,
+                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Token-level PPO loss (minimised), per token: (B, T) -> (loss (B, T) zero outside mask, clipped (B, T)).
+
+    ratio = exp(clamp(logp - old_logp, -c, c));  L1 = -A ratio;  L2 = -A clip(ratio, 1 - eps_low, 1 + eps_high)
+    L = max(L1, L2);  for A < 0 (dual-clip): L = min(L, c_dual |A|).
+    `adv` is (B,) (one per sequence, broadcast to its tokens) or (B, T).
+    """
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    log_ratio = (logp - old_logp).clamp(-logratio_clamp, logratio_clamp)
+    ratio = log_ratio.exp()
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(l1, l2)
+    clipped = l2 > l1
+    if dual_clip > 0:
+        capped = torch.minimum(loss, -adv * dual_clip)
+        neg = (adv < 0).expand_as(loss)
+        clipped = clipped | (neg & (loss > -adv * dual_clip))
+        loss = torch.where(neg, capped, loss)
+    mask = mask.to(loss.dtype)
+    return loss * mask, clipped & mask.bool()
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    """k3 ("low_var_kl") estimate of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1, clamped."""
+    d = ref_logp - logp
+    return (d.exp() - d - 1).clamp(-clamp, clamp)
+
+
+def entropy_beta(step: int, beta0: float, beta_min: float, decay: float, warmup: int) -> float:
+    """Entropy coefficient (Table 5): 0 for step < tau_w, then max(beta_min, beta0 * lambda^(step - tau_w))."""
+    if step < warmup:
+        return 0.0
+    return max(beta_min, beta0 * decay ** (step - warmup))
+
+
+def balance_over_ranks(costs: list[int], world: int) -> list[list[int]]:
+    """Indices of `costs` split over ranks, longest first onto the least loaded rank (deterministic)."""
+    load, out = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[r].append(i)
+        load[r] += costs[i]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollouts
+
+
+@dataclass
+class Sample:
+    """One sampled completion and everything the update and the logs need about it."""
+
+    rec: int  # index of the prompt's record
+    completion: list[int]  # token ids, ending with <|im_end|> unless truncated
+    text: str
+    truncated: bool
+    reward: float = 0.0
+    acc: float = 0.0
+    format: float = 0.0
+    len_reward: float = 0.0
+    advantage: float = 0.0
+    times_drawn: int = 0
+
+
+class PromptSampler:
+    """Prompts in a fresh permutation per epoch, a deterministic function of (seed, epoch); its state is
+    (epoch, position), saved in checkpoints so a resumed run draws the same prompts it would have."""
+
+    def __init__(self, n_records: int, seed: int, epoch: int = 0, pos: int = 0):
+        self.n, self.seed, self.epoch, self.pos = n_records, seed, epoch, pos
+
+    def _perm(self) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out, perm = [], self._perm()
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos, perm = self.epoch + 1, 0, None
+                perm = self._perm()
+            take = min(k - len(out), self.n - self.pos)
+            out += perm[self.pos : self.pos + take]
+            self.pos += take
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+def generation_config(cfg: GRPOConfig, tokenizer, greedy: bool = False):
+    """A complete generation config: nothing is inherited from the checkpoint's generation_config.json, whose
+    top_k=1 / repetition_penalty=1.05 would make every rollout of a group identical (PITFALLS)."""
+    from transformers import GenerationConfig
+
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p)
+    return GenerationConfig(do_sample=not greedy, top_k=0, repetition_penalty=1.0, max_new_tokens=cfg.max_new_tokens,
+                            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=eos[1],
+                            suppress_tokens=M.vision_special_ids(tokenizer), **sampling)  # fmt: skip
+
+
+def split_completion(ids: list[int], eos_ids: set[int], pad_id: int) -> tuple[list[int], bool]:
+    """Generated ids -> (completion up to and including the first end-of-turn token, truncated?)."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1], False
+    return [t for t in ids if t != pad_id] if pad_id in eos_ids else ids, True
+
+
+def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int], cfg: GRPOConfig, seed: int,
+            ) -> list[Sample]:  # fmt: skip
+    """n completions per prompt with `generate`; the prompt is encoded once and repeated for its group."""
+    tok = processor.tokenizer
+    gc = generation_config(cfg, tok)
+    eos = set(gc.eos_token_id)
+    out: list[Sample] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for s in range(0, len(prompts), cfg.rollout_micro_batch):
+            chunk = [p for p in prompts[s : s + cfg.rollout_micro_batch] for _ in range(cfg.n)]
+            ids = [r for r in rec_ids[s : s + cfg.rollout_micro_batch] for _ in range(cfg.n)]
+            batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
+            device = next(model.parameters()).device
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.no_grad():
+                seqs = model.generate(**batch, generation_config=gc, synced_gpus=False)
+            new = seqs[:, batch["input_ids"].shape[1] :].tolist()
+            for rec, gen in zip(ids, new):
+                completion, truncated = split_completion(gen, eos, tok.pad_token_id)
+                out.append(Sample(rec, completion, tok.decode(completion, skip_special_tokens=True), truncated))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The update
+
+
+def plan_updates(samples: list[Sample], cfg: GRPOConfig, world: int, generator: torch.Generator,
+                 ) -> list[tuple[list[list[list[int]]], int]]:  # fmt: skip
+    """Kept sequences -> per update: (per rank, a list of micro-batches of sample indices; global token count).
+
+    A sequence drawn k times appears k times. Each mini-batch is spread over ranks balanced by tokens, and
+    every rank gets the same number of micro-batches (empty ones are padded by the caller with weight 0)."""
+    kept = [i for i, s in enumerate(samples) for _ in range(s.times_drawn)]
+    kept = [kept[j] for j in torch.randperm(len(kept), generator=generator).tolist()]
+    plans = []
+    for s in range(0, len(kept), cfg.mini_batch):
+        mb = kept[s : s + cfg.mini_batch]
+        per_rank = [[mb[j] for j in part] for part in balance_over_ranks([len(samples[i].completion) for i in mb], world)]
+        n_micro = max(math.ceil(len(p) / cfg.micro_batch) for p in per_rank)
+        micro = [[p[k * cfg.micro_batch : (k + 1) * cfg.micro_batch] for k in range(n_micro)] for p in per_rank]
+        plans.append((micro, sum(len(samples[i].completion) for i in mb)))
+    return plans
+
+
+def sequence_batch(samples: list[Sample], idx: list[int], encoded: dict[int, D.EncodedPrompt], processor,
+                   image_token_id: int, device) -> dict:  # fmt: skip
+    b = D.collate_sequences([encoded[samples[i].rec] for i in idx], [samples[i].completion for i in idx],
+                            processor.tokenizer.pad_token_id, image_token_id)  # fmt: skip
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+def forward_logprobs(policy, b: dict, temperature: float, with_entropy: bool = False):
+    return policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"], b["image_grid_thw"],
+                  b["mm_token_type_ids"], temperature=temperature, with_entropy=with_entropy)  # fmt: skip
+
+
+def setup_policy(cfg: GRPOConfig, d: C.Dist):
+    """Load the starting model; shard (FSDP2) or wrap (DDP) it when distributed. Returns
+    (policy to train, its Policy core, processor, prompt, placement, reference Policy or None)."""
+    hf, processor = M.load_model(cfg.model, device=d.device, seed=cfg.seed)
+    meta = M.read_training_metadata(cfg.model) if os.path.isdir(cfg.model) else {}
+    prompt = cfg.prompt or meta.get("prompt") or D.REASONING_PROMPT
+    placement = cfg.placement or meta.get("placement") or "system"
+    if cfg.freeze_vision:
+        M.freeze_vision(hf)
+    M.set_gradient_checkpointing(hf, cfg.gradient_checkpointing)
+    core = M.Policy(hf)
+    ref = None
+    if cfg.kl_coef > 0:  # the stage's starting model, frozen; only loaded when the KL term is on
+        ref = M.Policy(M.load_model(cfg.model, device=d.device, seed=cfg.seed)[0]).eval().requires_grad_(False)
+    bf16 = torch.bfloat16 if cfg.bf16 else None
+    policy = core
+    if d.on and cfg.distributed == "fsdp":
+        M.shard(core, param_dtype=bf16)
+        if ref is not None:
+            M.shard(ref, param_dtype=bf16)
+    elif d.on:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        core.always_run_vision = True  # every rank runs the vision tower, so DDP sees the same parameters used
+        if ref is not None:
+            ref.always_run_vision = True
+        policy = DDP(core)
+    return policy, core, processor, prompt, placement, ref
+
+
+def train(cfg: GRPOConfig) -> str:
+    """Run the GRPO stage; returns the path of the final model."""
+    if cfg.pad_mode not in ("paper", "released", "filter", "off") or cfg.truncation not in ("keep", "mask"):
+        raise C.ConfigError(f"pad_mode {cfg.pad_mode!r} / truncation {cfg.truncation!r} not recognised")
+    if cfg.rollout_batch % max(1, int(os.environ.get("WORLD_SIZE", "1"))):
+        raise C.ConfigError(f"rollout_batch {cfg.rollout_batch} must divide over {os.environ['WORLD_SIZE']} ranks")
+    d = C.init_distributed()
+    C.seed_everything(cfg.seed * 1000 + d.rank)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    records = D.load_records(cfg.data)
+    policy, core, processor, prompt, placement, ref = setup_policy(cfg, d)
+    hf = core.model
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)  # constant lr
+    rcfg = R.RewardConfig(w_acc=cfg.w_acc, w_fmt=cfg.w_fmt, w_len=cfg.w_len, len_budget=cfg.len_budget,
+                          len_alpha=cfg.len_alpha, len_delta=cfg.len_delta, grade_workers=cfg.grade_workers)  # fmt: skip
+    sampler, start = PromptSampler(len(records), cfg.seed), 0
+    ckpt = C.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if ckpt:
+        state = C.load_checkpoint(ckpt, policy, opt, d)
+        start, sampler = state["step"], PromptSampler(len(records), cfg.seed, **state["sampler"])
+    metrics, rollouts_log = (C.JsonlLog(os.path.join(cfg.out_dir, f), d.main) for f in ("metrics.jsonl", "rollouts.jsonl"))
+    metrics.truncate_after(start)
+    rollouts_log.truncate_after(start)
+    eval_records = D.load_records(cfg.eval_data, limit=cfg.eval_limit) if cfg.eval_data else []
+    wandb = _wandb(cfg, d)
+    t_start = time.time()
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not d.main, desc=cfg.stage)
+    for t in bar:  # t counts rollout steps from 0; the logs call this step t + 1
+        step, t0 = t + 1, time.time()
+        # 1. rollouts on this rank's share of the step's prompts
+        recs = sampler.take(cfg.rollout_batch)
+        mine = recs[d.rank :: d.world]
+        encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine}
+        with M.gathered_for_generation(core) as gen_model:
+            local = rollout(gen_model, processor, [encoded[r] for r in mine], mine, cfg, seed=rollout_seed(cfg.seed, step, d.rank))
+        # 2. rewards, graded where they were sampled
+        parts = R.score_completions([s.text for s in local], [records[s.rec].answer for s in local],
+                                    [records[s.rec].choices for s in local], [len(s.completion) for s in local], rcfg)  # fmt: skip
+        for s, p in zip(local, parts):
+            s.reward, s.acc, s.format, s.len_reward = p["reward"], p["acc"], p["format"], p["len_reward"]
+        samples = [s for part in C.all_gather_objects(local, d) for s in part]  # rank-major, groups of n
+        # 3. group advantages; 4. PAD on the global batch (the same generator on every rank: the same choice)
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).view(-1, cfg.n)
+        adv = group_advantages(rewards).flatten()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        tau = pad_tau(t, cfg.max_steps, cfg.pad_tau_start, cfg.pad_tau_end)
+        eligible = torch.tensor([not s.truncated for s in samples]) if cfg.truncation == "mask" else None
+        drawn, size_e, _ = pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, tau, cfg.pad_rho, gen, eligible)
+        for s, a, k in zip(samples, adv.tolist(), drawn.tolist()):
+            s.advantage, s.times_drawn = a, k
+        rollout_s = time.time() - t0
+        # 5-6. updates on the kept sequences only
+        t1 = time.time()
+        beta = entropy_beta(t, cfg.entropy_beta0, cfg.entropy_beta_min, cfg.entropy_decay, cfg.entropy_warmup)
+        stats = update(policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d, beta, gen, params, opt)
+        train_s = time.time() - t1
+        # 7. logs
+        acc_groups = torch.tensor([s.acc for s in samples]).view(-1, cfg.n)
+        row = {"step": step, "updates": stats["updates"], "loss": stats["loss"], "lr": cfg.lr,
+               "elapsed_s": round(time.time() - t_start, 3),
+               "reward": _mean(s.reward for s in samples), "acc": _mean(s.acc for s in samples),
+               "format": _mean(s.format for s in samples), "len_reward": _mean(s.len_reward for s in samples),
+               "resp_len": _mean(len(s.completion) for s in samples),
+               "truncated_frac": _mean(s.truncated for s in samples),
+               "zero_adv_frac": float((adv.abs() < 1e-6).double().mean()),
+               "uniform_acc_frac": float((acc_groups.max(1).values == acc_groups.min(1).values).double().mean()),
+               "pad_effective": size_e, "pad_kept": int((drawn > 0).sum()), "pad_tau": tau,
+               "kept_token_frac": _kept_token_frac(samples),
+               "kl": stats["kl"], "entropy": stats["entropy"], "entropy_beta": beta, "clip_frac": stats["clip_frac"],
+               "grad_norm": stats["grad_norm"], "rollout_s": round(rollout_s, 3), "train_s": round(train_s, 3)}  # fmt: skip
+        if eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            row.update(validate(core, processor, eval_records, prompt, placement, cfg, d))
+        metrics.write(row)
+        rollouts_log.write([{"step": step, "prompt_id": records[s.rec].id, "completion": s.text,
+                             "num_tokens": len(s.completion), "truncated": s.truncated, "reward": s.reward,
+                             "acc": s.acc, "format": s.format, "len_reward": s.len_reward, "advantage": s.advantage,
+                             "kept": s.times_drawn > 0, "times_drawn": s.times_drawn} for s in samples])  # fmt: skip
+        if wandb:
+            wandb.log(row, step=step)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['acc']:.2f}", kept=row["pad_kept"],
+                        roll_s=f"{rollout_s:.1f}", train_s=f"{train_s:.1f}")  # fmt: skip
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            C.save_checkpoint(cfg.out_dir, step, policy, opt, {"sampler": sampler.state()}, d)
+    final = os.path.join(cfg.out_dir, "final")
+    state_dict = M.full_state_dict(core)
+    if d.main:
+        M.save_model(hf, processor, final, {"prompt": prompt, "placement": placement, "stage": cfg.stage,
+                                            "config": asdict(cfg)}, state_dict=state_dict)  # fmt: skip
+    C.barrier(d)
+    return final
+
+
+def update(policy, ref, samples: list[Sample], records, encoded: dict, processor, prompt: str, placement: str,
+           cfg: GRPOConfig, d: C.Dist, beta: float, gen: torch.Generator, params, opt) -> dict:  # fmt: skip
+    """Steps 5-6: old and reference log-probs, then ceil(k'/mini_batch) updates per ppo epoch. Only kept
+    sequences go through a forward; a rank short of micro-batches repeats one with weight 0 so that every
+    rank runs the same collectives (PITFALLS)."""
+    plans = plan_updates(samples, cfg, d.world, gen)
+    if not plans:  # E empty: nothing to train on this step (logged as updates = 0)
+        return {"updates": 0, "loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    image_token_id = policy_core(policy).model.config.image_token_id
+    # One sequence per update that a rank with too few micro-batches repeats with weight 0.
+    fillers = [next(i for rank_micro in micro for mb in rank_micro for i in mb) for micro, _ in plans]
+    needed = {samples[i].rec for micro, _ in plans for mb in micro[d.rank] for i in mb}
+    for r in needed | {samples[i].rec for i in fillers}:
+        if r not in encoded:  # prompts sampled on another rank: encode them here
+            encoded[r] = D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len)
+
+    def batches(u):
+        for idx in plans[u][0][d.rank]:
+            weight = 1.0 if idx else 0.0
+            idx = idx or [fillers[u]]
+            yield idx, weight, sequence_batch(samples, idx, encoded, processor, image_token_id, d.device)
+
+    multi = len(plans) * cfg.ppo_epochs > 1
+    old, refs = {}, {}
+    if multi or ref is not None:
+        with torch.no_grad():
+            for u in range(len(plans)):
+                for k, (_, _, b) in enumerate(batches(u)):
+                    if multi:
+                        old[u, k] = forward_logprobs(policy, b, cfg.temperature)[0]
+                    if ref is not None:
+                        refs[u, k] = forward_logprobs(ref, b, cfg.temperature)[0]
+    sums = torch.zeros(5, dtype=torch.float64)  # policy loss, kl, entropy, clipped tokens, tokens
+    norms = []
+    policy.train()
+    for _ in range(cfg.ppo_epochs):
+        for u, (_, global_tokens) in enumerate(plans):
+            opt.zero_grad(set_to_none=True)
+            for k, (idx, weight, b) in enumerate(batches(u)):
+                logp, ent = forward_logprobs(policy, b, cfg.temperature, with_entropy=True)
+                mask = b["target_mask"].float()
+                adv = torch.tensor([samples[i].advantage for i in idx], dtype=torch.float32, device=logp.device)
+                pg, clipped = policy_loss(logp, old.get((u, k), logp.detach()), adv, mask, cfg.clip_low,
+                                          cfg.clip_high, cfg.dual_clip, cfg.logratio_clamp)  # fmt: skip
+                kl = kl_k3(logp, refs[u, k], cfg.kl_clamp) * mask if ref is not None else torch.zeros_like(pg)
+                per_token = pg + cfg.kl_coef * kl - beta * ent * mask
+                # Token mean over the mini-batch's GLOBAL token count; DDP/FSDP average gradients over ranks,
+                # so x world turns that average back into the sum over ranks.
+                loss = per_token.sum() * (weight * d.world / global_tokens)
+                loss.backward()
+                with torch.no_grad():
+                    sums += weight * torch.tensor([pg.sum().item(), kl.sum().item(), (ent * mask).sum().item(),
+                                                   clipped.sum().item(), mask.sum().item()], dtype=torch.float64)  # fmt: skip
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+            opt.step()
+    pg_sum, kl_sum, ent_sum, clipped, tokens = C.all_reduce_sum(sums, d).tolist()
+    tokens = max(tokens, 1.0)
+    return {"updates": len(plans) * cfg.ppo_epochs, "loss": (pg_sum + cfg.kl_coef * kl_sum - beta * ent_sum) / tokens,
+            "kl": kl_sum / tokens, "entropy": ent_sum / tokens, "clip_frac": clipped / tokens,
+            "grad_norm": sum(norms) / len(norms)}  # fmt: skip
+
+
+def policy_core(policy) -> M.Policy:
+    return policy.module if hasattr(policy, "module") else policy
+
+
+def validate(core: M.Policy, processor, records, prompt: str, placement: str, cfg: GRPOConfig, d: C.Dist) -> dict:
+    """Greedy accuracy on the held-out split through eval.py's scoring (in-loop validation)."""
+    import eval as evaluation
+
+    res = evaluation.evaluate_records(core, processor, records, prompt=prompt, placement=placement,
+                                      max_new_tokens=cfg.max_new_tokens, batch_size=64, dist=d)  # fmt: skip
+    return {"val_acc": res["accuracy"], "val_format": res.get("format", 0.0), "val_resp_len": res.get("resp_len", 0.0)}
+
+
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """Per-rank sampling seed from (seed, step, rank): resumed runs sample what they would have."""
+    return (seed * 1_000_003 + step * 1_009 + rank) % 2**31
+
+
+def _mean(xs) -> float:
+    xs = [float(x) for x in xs]
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _kept_token_frac(samples: list[Sample]) -> float:
+    """Share of the step's completion tokens that the update trains on (PAD/filter skip the rest)."""
+    total = sum(len(s.completion) for s in samples)
+    return sum(len(s.completion) for s in samples if s.times_drawn) / max(1, total)
+
+
+def _wandb(cfg, d: C.Dist):
+    if not (cfg.wandb_project and d.main):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print("wandb_project is set but wandb is not installed; logging to metrics.jsonl only")
+        return None
+    wandb.init(project=cfg.wandb_project, config=asdict(cfg))
+    return wandb
+
+
+if __name__ == "__main__":
+    C.main_guard(train, GRPOConfig)
