@@ -139,7 +139,7 @@ def pad_select(adv: torch.Tensor, mode: str, t_low: float, t_high: float, tau: f
     `eligible` (N,) bool removes sequences before selection (truncation="mask").
     """
     n = adv.numel()
-    a = adv.abs().double()
+    a = adv.abs()  # compared in its own dtype: a float32 0.03 stays inside [0.03, ...]
     ok = torch.ones(n, dtype=torch.bool) if eligible is None else eligible.bool()
     drawn = torch.zeros(n, dtype=torch.long)
     if mode == "off":
@@ -158,7 +158,7 @@ def pad_select(adv: torch.Tensor, mode: str, t_low: float, t_high: float, tau: f
         if size_e == 0:
             drawn[ok] = 1
             return drawn, 0, ok.nonzero().flatten()
-        weights = (a[idx] + 1e-8) ** 1.5
+        weights = (a[idx].double() + 1e-8) ** 1.5
         picks = idx[torch.multinomial(weights, math.ceil(1.5 * n), replacement=True, generator=generator)]
         drawn.index_add_(0, picks, torch.ones_like(picks))
         return drawn, size_e, picks
@@ -166,7 +166,7 @@ def pad_select(adv: torch.Tensor, mode: str, t_low: float, t_high: float, tau: f
         raise ValueError(f"pad_mode must be paper, released, filter or off; got {mode!r}")
     if size_e == 0:
         return drawn, 0, idx
-    logits = a[idx] / tau
+    logits = a[idx].double() / tau
     weights = torch.softmax(logits, 0)  # P(i) = exp(|A_i|/tau) / sum_E exp(|A_j|/tau), stable
     k = min(math.ceil(rho * n), size_e)
     # torch.multinomial without replacement draws one index at a time from the renormalised P.
