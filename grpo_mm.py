@@ -342,6 +342,13 @@ def sequence_batch(samples: list[Sample], idx: list[int], encoded: dict[int, D.E
 
 
 def forward_logprobs(policy, b: dict, temperature: float, with_entropy: bool = False):
+    """Per-token log-probs (and entropies) of the batch's completion tokens, fp32 from temperature-scaled logits.
+    A single-GPU bf16 run (no FSDP mixed precision) computes in bf16 under autocast; weights stay fp32."""
+    if getattr(policy_core(policy), "autocast_bf16", False):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"],
+                          b["image_grid_thw"], b["mm_token_type_ids"], temperature=temperature,
+                          with_entropy=with_entropy)  # fmt: skip
     return policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"], b["image_grid_thw"],
                   b["mm_token_type_ids"], temperature=temperature, with_entropy=with_entropy)  # fmt: skip
 
@@ -362,6 +369,7 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
         ref = M.Policy(M.load_model(cfg.model, device=d.device, seed=cfg.seed)[0]).eval().requires_grad_(False)
     bf16 = torch.bfloat16 if cfg.bf16 else None
     policy = core
+    core.autocast_bf16 = bool(cfg.bf16 and not d.on and d.device.type == "cuda")
     if d.on and cfg.distributed == "fsdp":
         M.shard(core, param_dtype=bf16)
         if ref is not None:

@@ -192,6 +192,31 @@ def tiny_config(tokenizer) -> Qwen2_5_VLConfig:
     )  # fmt: skip
 
 
+# Published shapes of the real checkpoints (their config.json; PITFALLS.md), for meta-device builds (memory and
+# parameter counts) and GPU benchmarks with random weights. Special ids as in the real Qwen2 vocabulary.
+PUBLISHED_TEXT = {
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}  # fmt: skip
+PUBLISHED_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])  # fmt: skip
+
+
+def published_config(size: str) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL-{7B,3B}-Instruct's architecture ('7b' | '3b'), without weights."""
+    text = PUBLISHED_TEXT[size.lower()]
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+    return Qwen2_5_VLConfig(
+        text_config=dict(text, rope_parameters=rope, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+        vision_config=dict(PUBLISHED_VISION, out_hidden_size=text["hidden_size"]),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )  # fmt: skip
+
+
 def trap_generation_config(tokenizer) -> GenerationConfig:
     im_end, eot = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     return GenerationConfig(bos_token_id=eot, pad_token_id=eot, eos_token_id=[im_end, eot],
@@ -323,7 +348,8 @@ class ChunkedLogProbs(torch.autograd.Function):
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
                    chunk_size: int = 1024, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """hidden (N, H), weight (V, H), targets (N,) -> fp32 log-probs (N,) and entropies (N,; zeros if not asked)."""
-    return ChunkedLogProbs.apply(hidden, weight, targets, float(temperature), int(chunk_size), bool(with_entropy))
+    with torch.autocast(hidden.device.type, enabled=False):  # the logits are fp32 even under bf16 autocast
+        return ChunkedLogProbs.apply(hidden, weight, targets, float(temperature), int(chunk_size), bool(with_entropy))
 
 
 def position_ids_for(model: Qwen2_5_VLForConditionalGeneration, input_ids, attention_mask, image_grid_thw,
@@ -371,6 +397,9 @@ class Policy(nn.Module):
         if mm_token_type_ids is None:
             mm_token_type_ids = (input_ids == self.model.config.image_token_id).int()
         has_images = pixel_values is not None and pixel_values.numel() > 0
+        # The dummy tower runs first, where a real image would (before the decoder): FSDP2's all-gathers must
+        # come in the same order on every rank.
+        dummy = self.dummy_vision() if self.always_run_vision and not has_images else None
         position_ids = position_ids_for(self.model, input_ids, attention_mask,
                                         image_grid_thw if has_images else None, mm_token_type_ids)  # fmt: skip
         out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -388,8 +417,8 @@ class Policy(nn.Module):
         entropy = torch.zeros_like(logp)
         logp = logp.masked_scatter(sel, logp_sel)
         entropy = entropy.masked_scatter(sel, ent_sel)
-        if self.always_run_vision and not has_images:
-            logp = logp + self.dummy_vision()
+        if dummy is not None:
+            logp = logp + dummy
         return logp, entropy
 
 
