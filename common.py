@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import types
 import typing
@@ -204,6 +205,13 @@ def seed_everything(seed: int) -> None:
 # Logs
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 class JsonlLog:
     """One JSON object per line, written by rank 0; `truncate_after(step)` drops lines past a resumed step."""
 
@@ -213,8 +221,8 @@ class JsonlLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with open(self.path) as f:  # a line cut by a kill mid-write has no newline, or does not parse: dropped
+            keep = [ln for ln in f if ln.endswith("\n") and ln.strip() and _step_of(ln) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)
@@ -265,6 +273,13 @@ def _app_state(model, optimizer):
     return {"model": msd, "optim": osd}
 
 
+def debug_kill_hook(point: str, step: int) -> None:
+    """Test-only crash injection: with REVISUAL_TEST_KILL="<point>:<step>" the process SIGKILLs itself there.
+    Points: "save" (inside save_checkpoint: shards written, not yet renamed), "saved" (callers: just after)."""
+    if os.environ.get("REVISUAL_TEST_KILL") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, d: Dist, keep: int = 2) -> str:
     """Sharded model + optimizer through torch.distributed.checkpoint, per-rank RNG, and `state` (json)."""
     import torch.distributed.checkpoint as dcp
@@ -278,6 +293,7 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, d: D
     barrier(d)
     dcp.save(_app_state(model, optimizer), checkpoint_id=tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_{d.rank}.pt"))
+    debug_kill_hook("save", step)
     barrier(d)
     if d.main:
         with open(os.path.join(tmp, "state.json"), "w") as f:

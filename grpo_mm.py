@@ -530,6 +530,9 @@ def update(policy, ref, samples: list[Sample], records, encoded: dict, processor
                 with torch.no_grad():
                     sums += weight * torch.tensor([pg.sum().item(), kl.sum().item(), (ent * mask).sum().item(),
                                                    clipped.sum().item(), mask.sum().item()], dtype=torch.float64)  # fmt: skip
+            for p in params:  # a parameter no micro-batch reached (the vision tower on a text-only mini-batch)
+                if p.grad is None:  # steps as it does on several ranks, where the dummy image gives it zeros
+                    p.grad = torch.zeros_like(p)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
             opt.step()
