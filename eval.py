@@ -1,0 +1,731 @@
+"""Benchmark evaluation: load the ten benchmarks of paper Table 2 from local copies, generate, grade, report.
+
+    python eval.py --model DIR|tiny --bench LABEL=PATH[,LABEL=PATH...] --out_dir DIR [--samples K] [--blank_images]
+    torchrun --nproc_per_node N eval.py ...                 (whole generation batches are sharded over ranks)
+    python eval.py --score_only predictions.jsonl --out_dir DIR          (re-grade saved responses, no model)
+
+Writes `out_dir/predictions.jsonl` (one line per item and sample, appended batch by batch: a rerun skips every
+(bench, id, sample) already there), `out_dir/results.json`, `out_dir/results.md` and prints the table.
+`evaluate_records` is the same generate-and-grade loop for in-training validation (no files, FSDP-safe).
+
+Loaders (`load_benchmark`) read what users download: Parquet with embedded image structs, JSON / JSONL / CSV
+with an image folder, a saved `datasets` folder (only with `datasets` installed), and the project's JSONL
+records for any other label. Images are decoded once and cached as PNG under `out_dir/images/<bench>/`.
+
+Decoding: greedy, K = 1, except aime24 / aime25: K = 8 samples at temperature 1.0, top-p 0.95 (accuracy is
+the mean over samples; pass@K is reported too). Every `generate` call gets a complete generation config
+(PITFALLS: the checkpoints' own generation_config.json sets top_k=1 and repetition_penalty=1.05).
+
+How scoring departs from the released ReVisual-R1 evaluation
+-------------------------------------------------------------
+* The answer is the last `\\boxed{}` found by brace matching (the released regex `\\boxed{([^}]+)}` cuts
+  `\\boxed{\\frac{1}{2}}`), or, without a box, a final answer stated in the response's last sentence
+  (reward.grade with require_boxed=False). Its fall-back that compares only the alphabetic characters
+  (so any numeric answer counted as correct) is gone: a response with no stated answer is wrong.
+* Multiple choice grades the letter and the option text alike. Benchmark rules of their own authors:
+  MathVista's gold is the option text and free-form floats are rounded to the item's `precision`;
+  DynaMath floats are right within 1e-3 (absolute) and its worst case needs all variants right;
+  LogicVista letter sets ("A, C") compare as sets; GPQA's options are shuffled into A-D per item with a
+  fixed seed (gold = the letter).
+* Truncated responses (no EOS within max_new_tokens) are graded as they are and counted per benchmark.
+* Paper Table 2 numbers appear in results.md only beside a benchmark evaluated in full (n equals the
+  published size, no --limit). Table 2's DynaMath number is compared with our worst-case accuracy
+  (the base model's 12.6 fits no average-case figure); its WeMath metric is not stated (we show accuracy).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import zlib
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+import torch
+from PIL import Image
+
+import data as D
+import model as M
+import reward
+from common import ConfigError, Dist, all_gather_objects, broadcast_object, init_distributed, main_guard
+
+
+@dataclass
+class EvalConfig:
+    """python eval.py --model DIR|tiny --bench LABEL=PATH[,...] --out_dir DIR (see eval.py's docstring)."""
+
+    model: str = "tiny"
+    bench: str = ""  # LABEL=PATH[,LABEL=PATH...]; LABEL a benchmark name or any label for project JSONL
+    out_dir: str = "out/eval"
+    samples: int | None = None  # K per item; None = benchmark default (8 for aime24/aime25, else 1)
+    temperature: float | None = None  # None: 1.0 when K > 1, else 0 (greedy)
+    top_p: float | None = None  # None: 0.95 when sampling
+    max_new_tokens: int = 4096
+    batch_size: int = 16  # prompts per generate call (per rank)
+    prompt: str | None = None  # None: the prompt recorded in the model's revisual.json, else paper Fig. 5
+    placement: str | None = None  # system | user; None: as recorded, else system
+    blank_images: bool = False  # replace every image by a white one of the same size
+    limit: int | None = None  # first N items of each benchmark
+    seed: int = 0  # GPQA option shuffle and sampling seeds
+    score_only: str | None = None  # predictions.jsonl to re-grade without a model
+    max_prompt_len: int | None = None  # a longer prompt is an error naming the item
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    size: int  # items of the split Table 2 used (DynaMath: 501 questions x 10 variants)
+    paper: float  # ReVisual-R1-7B, paper Table 2 (percent)
+    paper_metric: str = "accuracy"  # our results key that stands beside the paper's number
+    samples: int = 1  # default K
+
+
+BENCHMARKS = {
+    "mathverse": Benchmark(3940, 53.6), "mathvision": Benchmark(3040, 48.8), "mathvista": Benchmark(1000, 73.1),
+    "wemath": Benchmark(1740, 42.0), "logicvista": Benchmark(448, 52.3),
+    "dynamath": Benchmark(5010, 27.5, paper_metric="worst_case"),
+    "aime24": Benchmark(30, 53.3, samples=8), "aime25": Benchmark(30, 43.3, samples=8),
+    "math500": Benchmark(500, 89.2), "gpqa": Benchmark(198, 47.5),
+}  # fmt: skip
+DATA_EXTS = (".parquet", ".jsonl", ".json", ".csv")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading tables and images
+
+
+def _rows_of_file(path: str) -> Iterator[dict]:
+    """Rows of one Parquet / JSONL / JSON / CSV file, streamed where the format allows."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+            yield from batch.to_pylist()
+    elif path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise D.DataError(f"{path} row {i}: not valid JSON ({e.msg})") from None
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        if isinstance(obj, dict) and obj and all(isinstance(v, dict) for v in obj.values()):
+            obj = list(obj.values())  # MathVista's testmini.json: {pid: row}
+        if not isinstance(obj, list):
+            raise D.DataError(f"{path}: expected a list of rows (or {{id: row}}), got {type(obj).__name__}")
+        yield from obj
+    elif path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            yield from csv.DictReader(f)  # every value stays a string (GPQA's "1.50" must not become 1.5)
+    else:
+        raise D.DataError(f"{path}: unsupported file type (expected one of {', '.join(DATA_EXTS)})")
+
+
+def _data_files(folder: str) -> list[str]:
+    return sorted(os.path.join(root, n) for root, _, names in os.walk(folder) for n in names if n.endswith(DATA_EXTS))
+
+
+def _variant(file: str) -> int:
+    m = re.search(r"variant[_-]?(\d+)", os.path.basename(file))
+    return int(m.group(1)) if m else 0
+
+
+def _table(bench: str, path: str) -> Iterator[tuple[str, dict, str]]:
+    """(where, row, folder the row's relative image paths start from) for a file or a folder of files.
+    DynaMath takes the folder of its variant files (sample_variant1 ... 10); its rows get `_variant`."""
+    if any(os.path.isfile(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")):  # save_to_disk
+        try:
+            import datasets
+        except ImportError:
+            raise D.DataError(f"{bench}: {path} is a saved `datasets` folder: install `datasets` to read it, "
+                              "or point --bench at its Parquet files") from None  # fmt: skip
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if len(ds) != 1:
+                raise D.DataError(f"{bench}: {path} holds splits {list(ds)}: point --bench at one of them")
+            ds = next(iter(ds.values()))
+        for i, row in enumerate(ds):
+            yield f"{bench}: {path} row {i}", row, path
+        return
+    if bench == "dynamath" and not os.path.isdir(path):
+        raise D.DataError(f"dynamath: {path}: expected the folder of its variant files (sample_variant1..10)")
+    if os.path.isdir(path):
+        files = _data_files(path)
+        if bench == "dynamath":
+            files = sorted((f for f in files if _variant(f)), key=lambda f: (_variant(f), f))
+        elif len({os.path.basename(f).split("-")[0].split(".")[0] for f in files}) > 1:
+            raise D.DataError(f"{bench}: {path} holds several splits: point --bench at one file")
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise D.DataError(f"{bench}: {path}: no such file or folder")
+    if not files:
+        raise D.DataError(f"{bench}: {path}: no {'/'.join(DATA_EXTS)} files here"
+                          + (" named sample_variant<N>" if bench == "dynamath" else ""))  # fmt: skip
+    for f in files:
+        for i, row in enumerate(_rows_of_file(f)):
+            if not isinstance(row, dict):
+                raise D.DataError(f"{bench}: {f} row {i}: a row must be an object, got {type(row).__name__}")
+            yield f"{bench}: {f} row {i}", dict(row, _variant=_variant(f)), os.path.dirname(os.path.abspath(f))
+
+
+def _col(row: dict, where: str, *names: str, required: bool = True):
+    """The first of `names` present with a non-empty value (alternatives for unverified columns)."""
+    for n in names:
+        v = row.get(n)
+        if v is not None and not (isinstance(v, str) and not v.strip()):
+            return v
+    if required:
+        alts = " or ".join(repr(n) for n in names)
+        state = "is empty" if any(n in row for n in names) else f"is missing (columns: {', '.join(map(str, row))})"
+        raise D.DataError(f"{where}: column {alts} {state}")
+    return None
+
+
+def _text(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()
+
+
+def _write_png(im: Image.Image, path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"  # atomic: ranks writing the same cache never see half a file
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _cache_image(value, where: str, column: str, base: str, dest: str) -> str:
+    """Decode an image cell (struct {bytes, path}, raw bytes, a relative path, or a PIL image) into `dest`."""
+    if os.path.exists(dest):
+        return dest
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):  # relative to the data file's folder or its parent
+        found = [p for p in (os.path.join(base, value), os.path.join(os.path.dirname(base), value)) if os.path.isfile(p)]
+        if not found:
+            raise D.DataError(f"{where}: column '{column}': image file not found: {value} (looked in {base})")
+        value = found[0]
+    elif isinstance(value, (bytes, bytearray)):
+        value = io.BytesIO(value)
+    elif not isinstance(value, Image.Image):
+        raise D.DataError(f"{where}: column '{column}': not an image ({type(value).__name__})")
+    try:
+        im = value if isinstance(value, Image.Image) else Image.open(value)
+        im.load()
+        im = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise D.DataError(f"{where}: column '{column}': cannot decode image: {e}") from None
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    _write_png(im, dest)
+    return dest
+
+
+def _safe_name(rid: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", rid)[:80]
+    return safe if safe == rid else f"{safe}-{zlib.crc32(rid.encode()):08x}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Benchmarks: one row -> (id, problem, answer, choices, meta, image cell and its column)
+
+_WEMATH_OPTION = re.compile(r"(?:^|[;；])\s*([A-H])\s*[.．:：、]\s*")
+
+
+def _wemath_options(text: str, where: str) -> list[str]:
+    """WeMath's one-string options "A. 3;B. 4;C. 5" -> ["3", "4", "5"]."""
+    marks = list(_WEMATH_OPTION.finditer(text))
+    letters = [m.group(1) for m in marks]
+    if len(marks) < 2 or letters != [chr(65 + i) for i in range(len(marks))]:
+        raise D.DataError(f"{where}: column 'option': cannot read options A, B, ... from {text[:120]!r}")
+    ends = [m.start() for m in marks[1:]] + [len(text)]
+    return [text[m.end() : e].strip() for m, e in zip(marks, ends)]
+
+
+def _image_cell(row: dict, *names: str) -> tuple[object, str]:
+    for n in names:
+        v = row.get(n)
+        if isinstance(v, dict) and not (v.get("bytes") or v.get("path")):
+            continue  # an empty struct (e.g. MathVerse text-only versions)
+        if v is not None and v != "" and v != []:
+            return v, n
+    return None, ""
+
+
+# Columns per benchmark: ids, problem, gold, image (the first non-empty of the alternatives wins; unverified
+# names come with their known alternatives), and what the metrics keep in `meta`. Quirks in _row_fields.
+COLUMNS = {
+    "mathverse": (("sample_index",), ("query_cot", "question"), ("answer",), ("image", "decoded_image"),
+                  ("problem_version", "question_type", "problem_index")),
+    "mathvision": (("id",), ("question",), ("answer",), ("decoded_image", "image"), ("level", "subject")),
+    "mathvista": (("pid",), ("question",), ("answer",), ("decoded_image", "image"),
+                  ("question_type", "answer_type", "precision", "unit")),
+    "wemath": (("ID",), ("question",), ("answer",), ("image_path", "image", "decoded_image"),
+               ("key", "knowledge concept")),
+    "logicvista": (("id",), ("question",), ("answer",), ("image", "decoded_image"), ("skill",)),
+    "dynamath": (("id", "qid"), ("question",), ("ground_truth", "answer"), ("decoded_image", "image"),
+                 ("answer_type", "subject")),
+    "aime24": (("id",), ("problem", "question"), ("answer",), (), ()),
+    "aime25": (("id",), ("problem", "question"), ("answer",), (), ()),
+    "math500": (("unique_id", "id"), ("problem",), ("answer",), (), ("subject", "level")),
+    "gpqa": (("Record ID",), ("Question",), ("Correct Answer",), (), ("Subdomain",)),
+}  # fmt: skip
+
+
+def _row_fields(bench: str, row: dict, where: str, index: int, seed: int) -> tuple:
+    """(id, problem, answer, choices, meta, image cell, image column) of one benchmark row."""
+    ids, problems, answers, images, keep = COLUMNS[bench]
+    rid = _col(row, where, *ids, required=bench == "dynamath")
+    rid = _text(index if rid is None else rid)
+    problem, answer = _text(_col(row, where, *problems)), _text(_col(row, where, *answers))
+    meta = {k: row[k] for k in keep if row.get(k) is not None}
+    choices = None
+    if bench in ("mathvision", "mathvista"):  # a list column; empty = free form
+        choices = [_text(c) for c in row.get("options" if bench == "mathvision" else "choices") or []] or None
+        if meta.get("precision") is not None:
+            meta["precision"] = int(meta["precision"]) if meta["precision"] == meta["precision"] else None  # NaN
+    elif bench == "wemath":  # one string "A. 3;B. 4"; items of a multi-step problem share their ID
+        choices = _wemath_options(_text(_col(row, where, "option", "options")), where)
+        answer, meta["group"] = answer.upper(), rid
+        rid = f"{rid}_{meta['key']}" if "key" in meta else rid
+    elif bench == "logicvista" and re.fullmatch(r"[a-hA-H](\s*,\s*[a-hA-H])*", answer):
+        answer = answer.upper()
+    elif bench == "dynamath":
+        meta.update(qid=rid, variant=row["_variant"])
+        rid = f"{rid}_v{row['_variant']}"
+    elif bench == "gpqa":  # four options shuffled into A-D, fixed per item whatever the row order
+        options = [answer] + [_text(_col(row, where, f"Incorrect Answer {i}")) for i in (1, 2, 3)]
+        order = random.Random(f"gpqa:{seed}:{rid}").sample(range(4), 4)
+        choices, answer = [options[i] for i in order], chr(65 + order.index(0))
+    return rid, problem, answer, choices, meta, *_image_cell(row, *images)
+
+
+def load_benchmark(label: str, path: str, cache_dir: str, limit: int | None = None, seed: int = 0) -> list[D.Record]:
+    """Records of one benchmark (images decoded into `cache_dir/<label>/`). A label that is not a benchmark
+    name reads the project's JSONL records. Bad input raises data.DataError naming bench, row and column."""
+    if label not in BENCHMARKS:
+        if not path.endswith(".jsonl"):
+            raise D.DataError(f"{label}: unknown benchmark name for {path} (known: {', '.join(BENCHMARKS)}; any "
+                              "other label takes a .jsonl file in the project's record format)")  # fmt: skip
+        return D.load_records(path, limit=limit)
+    records, seen = [], {}
+    for index, (where, row, base) in enumerate(islice(_table(label, path), limit)):
+        rid, problem, answer, choices, meta, cell, column = _row_fields(label, row, where, index, seed)
+        if rid in seen:
+            raise D.DataError(f"{where}: id {rid!r} appears twice (first at {seen[rid]})")
+        seen[rid] = where
+        images = []
+        if cell is not None:
+            dest = os.path.join(cache_dir, label, _safe_name(rid) + ".png")
+            images = [_cache_image(cell, where, column, base, dest)]
+        meta = {k: v for k, v in meta.items() if v is not None}
+        records.append(D.Record(id=rid, problem=problem, answer=answer, images=images, choices=choices,
+                                source=where, meta=meta))  # fmt: skip
+    if not records:
+        raise D.DataError(f"{label}: {path}: no rows")
+    return records
+
+
+_BLANK_DIR: list[str] = []
+
+
+def blank_record_images(records: list[D.Record], cache_dir: str | None = None) -> list[D.Record]:
+    """Copies of `records` whose images are white images of the same sizes (one file per size)."""
+    if cache_dir is None:
+        if not _BLANK_DIR:
+            _BLANK_DIR.append(tempfile.mkdtemp(prefix="eval_blank_"))
+        cache_dir = _BLANK_DIR[0]
+    os.makedirs(cache_dir, exist_ok=True)
+    out = []
+    for rec in records:
+        paths = []
+        for p in rec.images:
+            w, h = D.open_image(p, rec.source).size
+            dest = os.path.join(cache_dir, f"blank_{w}x{h}.png")
+            if not os.path.exists(dest):
+                _write_png(Image.new("RGB", (w, h), "white"), dest)
+            paths.append(dest)
+        out.append(dataclasses.replace(rec, images=paths))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grading and metrics
+
+
+def _as_float(s: str | None) -> float | None:
+    if s is None:
+        return None
+    t = re.sub(r"\\[,!]|\s|\$", "", s).rstrip(".")
+    return float(t) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", t) else None
+
+
+def grade_row(bench: str, response: str, answer: str, choices: list[str] | None = None,
+              meta: dict | None = None) -> tuple[str | None, bool]:  # fmt: skip
+    """(extracted answer, correct) under the benchmark's rules (see the module docstring)."""
+    meta = meta or {}
+    extracted = reward.extract_answer(response)
+    if extracted is None:
+        return None, False
+    value, gold = _as_float(extracted), _as_float(answer)
+    if value is not None and gold is not None:
+        if bench == "mathvista" and meta.get("answer_type") == "float" and meta.get("precision") is not None:
+            return extracted, round(value, meta["precision"]) == round(gold, meta["precision"])
+        if bench == "dynamath" and meta.get("answer_type") == "float":
+            return extracted, abs(value - gold) <= 1e-3
+    return extracted, reward.grade(response, answer, choices, require_boxed=False)
+
+
+def _per_sample(rows: list[dict]) -> dict[int, dict[str, bool]]:
+    out: dict[int, dict[str, bool]] = defaultdict(dict)
+    for r in rows:
+        out[r.get("sample", 0)][r["id"]] = bool(r["correct"])
+    return out
+
+
+def _pass_at_k(n: int, c: int, k: int) -> float:
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _wemath_four_dim(rows: list[dict]) -> dict | None:
+    """WeMath's four dimensions on sample 0, as fractions of its complete multi-step problems (rows sharing
+    meta.group, keys "2steps_1", ..., "2steps_multi"): IK (a step wrong, the composite wrong), IG (every
+    step right, the composite wrong), CM (all right), RM (a step wrong, the composite right), and the strict
+    score 1 - IK - IG / 2 - RM."""
+    groups: dict = defaultdict(dict)
+    for r in rows:
+        if r.get("sample", 0) == 0 and r["meta"].get("key"):
+            groups[r["meta"].get("group")][r["meta"]["key"]] = bool(r["correct"])
+    counts = dict.fromkeys(("IK", "IG", "CM", "RM"), 0)
+    for keys in groups.values():
+        multi = next((k for k in keys if k.endswith("steps_multi")), None)
+        if multi and multi[0].isdigit() and len(keys) == int(multi[0]) + 1:  # complete (not cut by --limit)
+            steps = all(v for k, v in keys.items() if k != multi)
+            counts[("CM" if keys[multi] else "IG") if steps else ("RM" if keys[multi] else "IK")] += 1
+    g = sum(counts.values())
+    if not g:
+        return None
+    out = {k: c / g for k, c in counts.items()}
+    return dict(out, groups=g, score_strict=1 - out["IK"] - out["IG"] / 2 - out["RM"])
+
+
+def summarize(bench: str, rows: list[dict]) -> dict:
+    """{"accuracy" (item mean of the sample mean), "n" (items), "truncated" (responses), extras per benchmark}."""
+    by_item: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        by_item[r["id"]].append(bool(r["correct"]))
+    item_acc = {i: sum(v) / len(v) for i, v in by_item.items()}
+    out = {"accuracy": sum(item_acc.values()) / max(1, len(item_acc)), "n": len(by_item),
+           "truncated": sum(bool(r.get("truncated")) for r in rows)}  # fmt: skip
+    k = min((len(v) for v in by_item.values()), default=1)
+    if k > 1:
+        out["samples"] = k
+        out[f"pass@{k}"] = sum(_pass_at_k(len(v), sum(v), k) for v in by_item.values()) / len(by_item)
+    meta = {r["id"]: r.get("meta") or {} for r in rows}
+    if bench == "mathverse":
+        versions = defaultdict(list)
+        for i, a in item_acc.items():
+            versions[meta[i].get("problem_version", "?")].append(a)
+        out["per_version"] = {v: {"accuracy": sum(a) / len(a), "n": len(a)} for v, a in sorted(versions.items())}
+    elif bench == "dynamath":
+        worst = []
+        for hits in _per_sample(rows).values():
+            qs = defaultdict(list)
+            for i, ok in hits.items():
+                qs[meta[i].get("qid", i)].append(ok)
+            worst.append(sum(all(v) for v in qs.values()) / len(qs))
+        out.update(average_case=out["accuracy"], worst_case=sum(worst) / len(worst),
+                   questions=len({m.get("qid", i) for i, m in meta.items()}))  # fmt: skip
+    elif bench == "wemath" and (four := _wemath_four_dim(rows)):
+        out["four_dim"] = four
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation
+
+
+def generation_config(tokenizer, temperature: float, top_p: float, max_new_tokens: int):
+    """A complete config: nothing may be filled in from the checkpoint's own (top_k=1) generation_config."""
+    from transformers import GenerationConfig
+
+    sampling = temperature > 0
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return GenerationConfig(do_sample=sampling, temperature=temperature if sampling else 1.0,
+                            top_p=top_p if sampling else 1.0, top_k=0, repetition_penalty=1.0,
+                            max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                            suppress_tokens=M.vision_special_ids(tokenizer))  # fmt: skip
+
+
+def prompt_length(record: D.Record, processor, prompt: str, placement: str) -> int:
+    """Prompt tokens as encode_prompt makes them, from the image sizes alone (no pixel processing)."""
+    tok, ip = processor.tokenizer, processor.image_processor
+    text = tok.apply_chat_template(D.build_messages(record, prompt, placement), tokenize=False,
+                                   add_generation_prompt=True)  # fmt: skip
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    for p in record.images:
+        with Image.open(p) as im:
+            w, h = im.size
+        n += ip.get_number_of_image_patches(h, w, {}) // ip.merge_size**2 - 1
+    return n
+
+
+def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Jobs sorted by prompt length (longest first, stable), cut into batches: little padding, and the same
+    batches whatever the world size (rank r takes batches r, r + W, ...)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def split_completion(ids: list[int], eos_ids: Collection[int]) -> tuple[list[int], bool]:
+    """The completion up to and including its first EOS; truncated when there is none."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1], False
+    return ids, True
+
+
+def _generate_batch(hf, processor, jobs: list[tuple[D.Record, int]], gen_cfg, batch_seed: int, *, bench: str,
+                    prompt: str, placement: str, max_prompt_len: int | None) -> list[dict]:  # fmt: skip
+    tok = processor.tokenizer
+    encoded: dict[int, D.EncodedPrompt] = {}
+    for rec, _ in jobs:
+        if id(rec) not in encoded:
+            encoded[id(rec)] = D.encode_prompt(rec, processor, prompt, placement, max_prompt_len)
+    batch = D.collate_prompts([encoded[id(rec)] for rec, _ in jobs], tok.pad_token_id, hf.config.image_token_id)
+    param = next(hf.parameters())
+    batch = {k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+    devices = [param.device] if param.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG stream is left alone
+        torch.manual_seed(batch_seed)
+        out = hf.generate(**batch, generation_config=gen_cfg, synced_gpus=False)
+    new = out[:, batch["input_ids"].shape[1] :].tolist()
+    eos = set(gen_cfg.eos_token_id)
+    rows = []
+    for (rec, sample), ids in zip(jobs, new):
+        ids, truncated = split_completion(ids, eos)
+        response = tok.decode(ids if truncated else ids[:-1], skip_special_tokens=False)
+        extracted, correct = grade_row(bench, response, rec.answer, rec.choices, rec.meta)
+        row = {"bench": bench, "id": rec.id, "sample": sample, "response": response, "answer": rec.answer}
+        if rec.choices:
+            row["choices"] = rec.choices
+        rows.append(dict(row, meta=rec.meta, extracted=extracted, correct=correct, truncated=truncated,
+                         num_tokens=len(ids)))  # fmt: skip
+    return rows
+
+
+def evaluate_records(model, processor, records: list[D.Record], *, prompt: str = D.REASONING_PROMPT,
+                     placement: str = "system", max_new_tokens: int = 1024, batch_size: int = 8,
+                     dist: Dist | None = None, temperature: float = 0.0, blank_images: bool = False,
+                     top_p: float = 1.0, samples: int = 1, seed: int = 0, bench: str = "",
+                     max_prompt_len: int | None = None, skip: Collection[tuple[str, int]] = (),
+                     on_rows: Callable[[list[dict]], None] | None = None, progress: bool = False) -> dict:  # fmt: skip
+    """Generate `samples` responses per record and grade them (reward.grade, a stated final answer counts).
+
+    `model` may be an HF model or a (possibly FSDP-sharded) model.Policy: every rank must call, with the same
+    records. Whole batches are sharded over ranks and the rows gathered on every rank. Returns
+    {"accuracy", "format", "resp_len" (mean completion tokens incl. EOS), "truncated", "n" (items),
+    "responses": the rows (dicts with id, sample, response, extracted, correct, truncated, num_tokens)}.
+    `skip` holds (id, sample) pairs already done; `on_rows` gets each round's rows on rank 0.
+    """
+    d = dist or Dist()
+    if blank_images:
+        records = blank_record_images(records)
+    jobs = [(r, s) for r in records for s in range(samples) if (r.id, s) not in skip]
+    lengths = {id(r): prompt_length(r, processor, prompt, placement) for r in records}
+    batches = plan_batches([lengths[id(r)] for r, _ in jobs], batch_size)
+    gen_cfg = generation_config(processor.tokenizer, temperature, top_p, max_new_tokens)
+    rows: list[dict] = []
+    bar = None
+    if progress and d.main and jobs:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc=bench or "eval", unit="item", dynamic_ncols=True)
+    with M.gathered_for_generation(model) as hf:
+        for first in range(0, len(batches), d.world):
+            b = first + d.rank
+            local = []
+            if b < len(batches):
+                local = _generate_batch(hf, processor, [jobs[i] for i in batches[b]], gen_cfg,
+                                        zlib.crc32(f"{seed}:{bench}:{b}".encode()), bench=bench, prompt=prompt,
+                                        placement=placement, max_prompt_len=max_prompt_len)  # fmt: skip
+            new = [row for part in all_gather_objects(local, d) for row in part]
+            if on_rows is not None and d.main:
+                on_rows(new)
+            rows += new
+            if bar is not None:
+                bar.update(len(new))
+                bar.set_postfix(acc=f"{sum(r['correct'] for r in rows) / len(rows):.1%}")
+    if bar is not None:
+        bar.close()
+    rows.sort(key=lambda r: (r["id"], r["sample"]))
+    n = max(1, len(rows))
+    return dict(summarize(bench, rows), format=sum(reward.format_reward(r["response"]) for r in rows) / n,
+                resp_len=sum(r["num_tokens"] for r in rows) / n, responses=rows)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files: predictions, results, the table
+
+
+def read_predictions(path: str, repair: bool = False) -> list[dict]:
+    """Rows of a predictions file; a line cut by an interrupt is dropped (and, with `repair`, removed)."""
+    rows, bad = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in filter(str.strip, f):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                bad += 1
+    if bad and repair:
+        _write_jsonl(path, rows)
+    return rows
+
+
+def _write_jsonl(path: str, rows: list[dict], mode: str = "w") -> None:
+    """mode "w": atomic rewrite; "a": append (one batch's rows, so an interrupt loses at most that batch)."""
+    tmp = path + ".tmp" if mode == "w" else path
+    with open(tmp, mode, encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    if tmp != path:
+        os.replace(tmp, path)
+
+
+def write_results(results: dict, out_dir: str, limited: bool) -> str:
+    """results.json and results.md; returns the markdown table (Table 2 beside complete benchmarks only)."""
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    lines = ["| benchmark | n | accuracy % | truncated | paper metric (ours) % | ReVisual-R1-7B (Table 2) % |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for bench, r in results.items():
+        spec = BENCHMARKS.get(bench)
+        ours = paper = ""
+        if spec and r["n"] == spec.size and not limited and spec.paper_metric in r:
+            ours, paper = f"{100 * r[spec.paper_metric]:.1f} ({spec.paper_metric})", f"{spec.paper:.1f}"
+        lines.append(f"| {bench} | {r['n']} | {100 * r['accuracy']:.1f} | {r['truncated']} | {ours} | {paper} |")
+    table = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table)
+    return table
+
+
+def score_only(cfg: EvalConfig) -> dict:
+    """Re-grade a predictions file (only bench, id, response, answer required) and write the results."""
+    if not os.path.isfile(cfg.score_only):
+        raise D.DataError(f"{cfg.score_only}: predictions file not found")
+    rows = read_predictions(cfg.score_only)
+    by_bench: dict[str, list[dict]] = defaultdict(list)
+    for i, r in enumerate(rows, 1):
+        for key in ("bench", "id", "response", "answer"):
+            if key not in r:
+                raise D.DataError(f"{cfg.score_only}:{i}: field '{key}' is missing")
+        r.setdefault("sample", 0)
+        r.setdefault("meta", {})
+        r["extracted"], r["correct"] = grade_row(r["bench"], r["response"], str(r["answer"]), r.get("choices"),
+                                                 r["meta"])  # fmt: skip
+        by_bench[r["bench"]].append(r)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    _write_jsonl(os.path.join(cfg.out_dir, "predictions.jsonl"), rows)
+    results = {b: summarize(b, rs) for b, rs in by_bench.items()}
+    print(write_results(results, cfg.out_dir, limited=False))
+    return results
+
+
+def parse_bench(spec: str) -> list[tuple[str, str]]:
+    pairs = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        label, sep, path = part.partition("=")
+        if not sep or not label or not path:
+            raise ConfigError(f"--bench: expected LABEL=PATH, got {part!r}")
+        if label in {lb for lb, _ in pairs}:
+            raise ConfigError(f"--bench: label {label!r} given twice")
+        pairs.append((label, path))
+    if not pairs:
+        raise ConfigError("--bench is required (LABEL=PATH[,LABEL=PATH...]) unless --score_only is given")
+    return pairs
+
+
+def _check_run(cfg: EvalConfig, prompt: str, placement: str) -> None:
+    """Predictions of another model or decoding setup never mix into one out_dir."""
+    run = {"model": cfg.model, "prompt": prompt, "placement": placement, "max_new_tokens": cfg.max_new_tokens,
+           "temperature": cfg.temperature, "top_p": cfg.top_p, "blank_images": cfg.blank_images,
+           "seed": cfg.seed}  # fmt: skip
+    path = os.path.join(cfg.out_dir, "eval_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [k for k in run if old.get(k) != run[k]]
+        if diff:
+            raise ConfigError(f"{cfg.out_dir} holds predictions of another run ({', '.join(diff)} differ: "
+                              f"{[old.get(k) for k in diff]} vs {[run[k] for k in diff]}); use a new out_dir")  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(run, f, indent=2)
+
+
+def main(cfg: EvalConfig) -> dict | None:
+    if cfg.score_only:
+        return score_only(cfg)
+    benches = parse_bench(cfg.bench)
+    d = init_distributed()
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (torch.bfloat16 if d.device.type == "cuda"
+                                                                   else torch.float32)  # fmt: skip
+    recorded = M.read_training_metadata(cfg.model) if os.path.isdir(cfg.model) else {}
+    prompt = cfg.prompt or recorded.get("prompt") or D.REASONING_PROMPT
+    placement = cfg.placement or recorded.get("placement") or "system"
+    pred_path = os.path.join(cfg.out_dir, "predictions.jsonl")
+    done = None
+    if d.main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        _check_run(cfg, prompt, placement)
+        old = read_predictions(pred_path, repair=True) if os.path.exists(pred_path) else []
+        done = {(r["bench"], r["id"], r.get("sample", 0)) for r in old}
+    done = broadcast_object(done, d)
+    loaded = [(label, load_benchmark(label, path, os.path.join(cfg.out_dir, "images"), cfg.limit, cfg.seed))
+              for label, path in benches]  # fmt: skip
+    model, processor = M.load_model(cfg.model, dtype=dtype, device=d.device)
+    jobs = {}
+    for label, records in loaded:
+        k = cfg.samples or (BENCHMARKS[label].samples if label in BENCHMARKS else 1)
+        temperature = cfg.temperature if cfg.temperature is not None else (1.0 if k > 1 else 0.0)
+        top_p = cfg.top_p if cfg.top_p is not None else (0.95 if temperature > 0 else 1.0)
+        if cfg.blank_images:
+            records = blank_record_images(records, os.path.join(cfg.out_dir, "images_blank"))
+        jobs[label] = {(r.id, s) for r in records for s in range(k)}
+        evaluate_records(model, processor, records, prompt=prompt, placement=placement,
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, dist=d,
+                         temperature=temperature, top_p=top_p, samples=k, seed=cfg.seed, bench=label,
+                         max_prompt_len=cfg.max_prompt_len, skip={(i, s) for b, i, s in done if b == label},
+                         on_rows=lambda rows: _write_jsonl(pred_path, rows, "a"), progress=True)  # fmt: skip
+    if not d.main:
+        return None
+    rows = read_predictions(pred_path)
+    results = {}
+    for label, keys in jobs.items():
+        mine = {(r["id"], r.get("sample", 0)): r for r in rows if r["bench"] == label}
+        results[label] = summarize(label, [mine[key] for key in sorted(keys)])
+    print(write_results(results, cfg.out_dir, limited=cfg.limit is not None))
+    return results
+
+
+def bare_flags(argv: list[str], cls=EvalConfig) -> list[str]:
+    """`--blank_images` alone (CONTRACT) means `--blank_images=true`; common.parse_config wants a value."""
+    flags = {f"--{f.name}" for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
+    return [a + "=true" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
+            for i, a in enumerate(argv)]  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = bare_flags(sys.argv[1:])
+    main_guard(main, EvalConfig)
