@@ -93,6 +93,8 @@ def parse_config(cls, argv: list[str] | None = None):
             raise ConfigError(f"unexpected argument {arg!r} (expected --key=value)")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
+        elif hints.get(arg[2:].replace("-", "_")) is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            key, value = arg[2:], "true"  # a bare boolean flag: `--blank_images`
         else:
             if i + 1 >= len(argv):
                 raise ConfigError(f"--{arg[2:]} needs a value")

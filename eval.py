@@ -43,7 +43,6 @@ import math
 import os
 import random
 import re
-import sys
 import tempfile
 import zlib
 from collections import defaultdict
@@ -457,18 +456,6 @@ def summarize(bench: str, rows: list[dict]) -> dict:
 # Generation
 
 
-def generation_config(tokenizer, temperature: float, top_p: float, max_new_tokens: int):
-    """A complete config: nothing may be filled in from the checkpoint's own (top_k=1) generation_config."""
-    from transformers import GenerationConfig
-
-    sampling = temperature > 0
-    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    return GenerationConfig(do_sample=sampling, temperature=temperature if sampling else 1.0,
-                            top_p=top_p if sampling else 1.0, top_k=0, repetition_penalty=1.0,
-                            max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                            suppress_tokens=M.vision_special_ids(tokenizer))  # fmt: skip
-
-
 def prompt_length(record: D.Record, processor, prompt: str, placement: str) -> int:
     """Prompt tokens as encode_prompt makes them, from the image sizes alone (no pixel processing)."""
     tok, ip = processor.tokenizer, processor.image_processor
@@ -489,14 +476,6 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def split_completion(ids: list[int], eos_ids: Collection[int]) -> tuple[list[int], bool]:
-    """The completion up to and including its first EOS; truncated when there is none."""
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[: i + 1], False
-    return ids, True
-
-
 def _generate_batch(hf, processor, jobs: list[tuple[D.Record, int]], gen_cfg, batch_seed: int, *, bench: str,
                     prompt: str, placement: str, max_prompt_len: int | None) -> list[dict]:  # fmt: skip
     tok = processor.tokenizer
@@ -515,7 +494,7 @@ def _generate_batch(hf, processor, jobs: list[tuple[D.Record, int]], gen_cfg, ba
     eos = set(gen_cfg.eos_token_id)
     rows = []
     for (rec, sample), ids in zip(jobs, new):
-        ids, truncated = split_completion(ids, eos)
+        ids, truncated = M.split_completion(ids, eos)
         response = tok.decode(ids if truncated else ids[:-1], skip_special_tokens=False)
         extracted, correct = grade_row(bench, response, rec.answer, rec.choices, rec.meta)
         row = {"bench": bench, "id": rec.id, "sample": sample, "response": response, "answer": rec.answer}
@@ -546,7 +525,7 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
     jobs = [(r, s) for r in records for s in range(samples) if (r.id, s) not in skip]
     lengths = {id(r): prompt_length(r, processor, prompt, placement) for r in records}
     batches = plan_batches([lengths[id(r)] for r, _ in jobs], batch_size)
-    gen_cfg = generation_config(processor.tokenizer, temperature, top_p, max_new_tokens)
+    gen_cfg = M.generation_config(processor.tokenizer, temperature, top_p, max_new_tokens)
     rows: list[dict] = []
     bar = None
     if progress and d.main and jobs:
@@ -719,13 +698,5 @@ def main(cfg: EvalConfig) -> dict | None:
     return results
 
 
-def bare_flags(argv: list[str], cls=EvalConfig) -> list[str]:
-    """`--blank_images` alone (CONTRACT) means `--blank_images=true`; common.parse_config wants a value."""
-    flags = {f"--{f.name}" for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
-    return [a + "=true" if a in flags and (i + 1 == len(argv) or argv[i + 1].startswith("--")) else a
-            for i, a in enumerate(argv)]  # fmt: skip
-
-
 if __name__ == "__main__":
-    sys.argv[1:] = bare_flags(sys.argv[1:])
     main_guard(main, EvalConfig)

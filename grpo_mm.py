@@ -268,31 +268,11 @@ class PromptSampler:
         return {"epoch": self.epoch, "pos": self.pos}
 
 
-def generation_config(cfg: GRPOConfig, tokenizer, greedy: bool = False):
-    """A complete generation config: nothing is inherited from the checkpoint's generation_config.json, whose
-    top_k=1 / repetition_penalty=1.05 would make every rollout of a group identical (PITFALLS)."""
-    from transformers import GenerationConfig
-
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    sampling = {} if greedy else dict(temperature=cfg.temperature, top_p=cfg.top_p)
-    return GenerationConfig(do_sample=not greedy, top_k=0, repetition_penalty=1.0, max_new_tokens=cfg.max_new_tokens,
-                            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=eos[1],
-                            suppress_tokens=M.vision_special_ids(tokenizer), **sampling)  # fmt: skip
-
-
-def split_completion(ids: list[int], eos_ids: set[int], pad_id: int) -> tuple[list[int], bool]:
-    """Generated ids -> (completion up to and including the first end-of-turn token, truncated?)."""
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[: i + 1], False
-    return [t for t in ids if t != pad_id] if pad_id in eos_ids else ids, True
-
-
 def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int], cfg: GRPOConfig, seed: int,
             ) -> list[Sample]:  # fmt: skip
     """n completions per prompt with `generate`; the prompt is encoded once and repeated for its group."""
     tok = processor.tokenizer
-    gc = generation_config(cfg, tok)
+    gc = M.generation_config(tok, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     eos = set(gc.eos_token_id)
     out: list[Sample] = []
     with torch.random.fork_rng(devices=[]):
@@ -307,7 +287,7 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
                 seqs = model.generate(**batch, generation_config=gc, synced_gpus=False)
             new = seqs[:, batch["input_ids"].shape[1] :].tolist()
             for rec, gen in zip(ids, new):
-                completion, truncated = split_completion(gen, eos, tok.pad_token_id)
+                completion, truncated = M.split_completion(gen, eos)
                 out.append(Sample(rec, completion, tok.decode(completion, skip_special_tokens=True), truncated))
     return out
 

@@ -511,6 +511,28 @@ def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in sd.items()}
 
 
+def generation_config(tokenizer, temperature: float, top_p: float, max_new_tokens: int):
+    """A complete generation config (temperature 0 = greedy). Nothing may be filled in from the checkpoint's own
+    generation_config.json, whose top_k=1 / repetition_penalty=1.05 would make every rollout of a group
+    identical (PITFALLS); vision special tokens are never sampled."""
+    from transformers import GenerationConfig
+
+    sampling = temperature > 0
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return GenerationConfig(do_sample=sampling, temperature=temperature if sampling else 1.0,
+                            top_p=top_p if sampling else 1.0, top_k=0, repetition_penalty=1.0,
+                            max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                            suppress_tokens=vision_special_ids(tokenizer))  # fmt: skip
+
+
+def split_completion(ids: list[int], eos_ids) -> tuple[list[int], bool]:
+    """Generated ids -> (the completion up to and including its first end-of-turn token, truncated?)."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1], False
+    return ids, True
+
+
 def vision_special_ids(tokenizer) -> list[int]:
     """Token ids that must never be sampled (PITFALLS: a sampled <|image_pad|> breaks the next forward)."""
     return [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]

@@ -210,7 +210,7 @@ def run_generate(args, d: C.Dist) -> None:
         # control: the same model and generation config with synced_gpus=True (what transformers turns on by
         # itself when the tower stays sharded) all-reduces once per token, and the counter must see it
         cc.phase = "generate_synced_control"
-        gc = G.generation_config(cfg, processor.tokenizer)
+        gc = M.generation_config(processor.tokenizer, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         gc.max_new_tokens = 3
         batch = D.collate_prompts(encoded, processor.tokenizer.pad_token_id, core.model.config.image_token_id)
         with torch.no_grad():

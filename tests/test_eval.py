@@ -195,7 +195,7 @@ def test_cli_bad_input_exits_with_one_line_and_help_lists_fields(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("error: foo: unknown benchmark name"), r.stderr[-2000:]
-    cfg = parse_config(E.EvalConfig, E.bare_flags(["--blank_images", "--bench", "a=b.jsonl", "--samples", "4"]))
+    cfg = parse_config(E.EvalConfig, ["--blank_images", "--bench", "a=b.jsonl", "--samples", "4"])
     assert cfg.blank_images and cfg.bench == "a=b.jsonl" and cfg.samples == 4  # a bare flag, as in CONTRACT
     text = config_help(E.EvalConfig)
     assert all(f"--{name}" in text for name in ("samples", "blank_images", "score_only", "limit", "max_prompt_len"))
@@ -369,9 +369,9 @@ def test_every_generate_call_gets_a_complete_config(tiny, monkeypatch):
 
 def test_split_completion_marks_truncation():
     eos = {9, 10}
-    assert E.split_completion([1, 2, 9, 10, 10], eos) == ([1, 2, 9], False)
-    assert E.split_completion([1, 2, 3], eos) == ([1, 2, 3], True)
-    assert E.split_completion([10], eos) == ([10], False)
+    assert M.split_completion([1, 2, 9, 10, 10], eos) == ([1, 2, 9], False)
+    assert M.split_completion([1, 2, 3], eos) == ([1, 2, 3], True)
+    assert M.split_completion([10], eos) == ([10], False)
 
 
 def test_batches_sorted_by_length_and_same_for_any_world_size():
