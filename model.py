@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
+import inspect
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterator
@@ -380,6 +383,12 @@ class Policy(nn.Module):
         # Set by `shard`: a batch without images still runs the vision tower on a dummy image (output x 0),
         # so every rank takes part in the tower's FSDP all-gathers (PITFALLS: otherwise ranks deadlock).
         self.always_run_vision = False
+        # Identical images in a batch (a group's n samples repeat their prompt's) go through the tower once.
+        self.dedupe_images = False
+        # Opt-in: each distinct prompt of a batch runs through the decoder once and the batch's sequences that
+        # start with it (a group's n samples) attend to its KV cache (`_shared_prefix_hidden`); the plain path
+        # runs under gradient checkpointing, which turns the decoder's cache off.
+        self.share_prefix = False
 
     def dummy_vision(self) -> torch.Tensor:
         vc = self.model.config.vision_config
@@ -392,6 +401,83 @@ class Policy(nn.Module):
         out = out.pooler_output if hasattr(out, "pooler_output") else out
         return out.float().sum() * 0.0
 
+    def _shared_prefix_hidden(self, input_ids, attention_mask, sel, pixel_values, image_grid_thw) -> torch.Tensor:
+        """The hidden states that predict the `sel` tokens (row-major), computed with every distinct prompt once.
+
+        A row's prompt is everything before its first target token. The distinct prompts run left-padded through
+        the decoder (and their images through the tower) with a KV cache; the cache is gathered to the rows
+        (autograd carries the gradient of every row back to its shared prompt), and the rows' completions run
+        on it, at positions that continue each prompt's M-RoPE positions, as in the full sequence. The same two
+        decoder passes run on every call, so FSDP ranks stay in step. Needs the decoder's cache, which HF turns
+        off under gradient checkpointing: the caller falls back to the plain path there."""
+        cfg, dev = self.model.config, input_ids.device
+        b = input_ids.shape[0]
+        lengths = attention_mask.sum(-1)
+        start = torch.where(sel.any(-1), sel.float().argmax(-1), lengths).tolist()
+        lengths, ids_list = lengths.tolist(), input_ids.tolist()
+        groups: dict[tuple, int] = {}
+        group_of, reps = [], []
+        for r in range(b):
+            g = groups.setdefault(tuple(ids_list[r][: start[r]]), len(groups))
+            if g == len(reps):
+                reps.append(r)
+            group_of.append(g)
+        pv = grid = None
+        if pixel_values is not None:  # the representatives' images (a row's images are consecutive)
+            per_row = (input_ids == cfg.vision_start_token_id).sum(-1).tolist()
+            first = [sum(per_row[:r]) for r in range(b)]
+            keep = [i for r in reps for i in range(first[r], first[r] + per_row[r])]
+            if keep:
+                blocks = pixel_values.split(image_grid_thw.prod(-1).tolist())
+                pv, grid = torch.cat([blocks[i] for i in keep]), image_grid_thw[keep]
+        width = max(1, max(start[r] for r in reps))
+        pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+        ids_p = torch.full((len(reps), width), pad, dtype=torch.long, device=dev)
+        mask_p = torch.zeros_like(ids_p)
+        for i, r in enumerate(reps):
+            ids_p[i, width - start[r] :] = input_ids[r, : start[r]]
+            mask_p[i, width - start[r] :] = 1
+        mm_p = (ids_p == cfg.image_token_id).int()
+        pos_p = position_ids_for(self.model, ids_p, mask_p, grid, mm_p)
+        next_pos = pos_p.masked_fill(mask_p[None] == 0, -1).amax(dim=(0, 2)) + 1
+        unique = dedupe_images(pv, grid) if pv is not None and self.dedupe_images else None
+        common = dict(attention_mask=mask_p, position_ids=pos_p, mm_token_type_ids=mm_p, use_cache=True)
+        if unique is None:
+            out = self.model.model(input_ids=ids_p, pixel_values=pv, image_grid_thw=grid, **common)
+        else:
+            out = self.model.model(inputs_embeds=self.embeds_with_images(ids_p, *unique), **common)
+        cache = _output_cache(out)
+        idx = torch.tensor(group_of, device=dev)
+        h_first = out.last_hidden_state[:, -1][idx]  # (B, H): predicts each row's first completion token
+        cache.batch_select_indices(idx)
+        clen = [lengths[r] - start[r] for r in range(b)]
+        wc = max(1, max(clen))
+        ids_c = torch.full((b, wc), pad, dtype=torch.long, device=dev)
+        mask_c = torch.zeros_like(ids_c)
+        sel_c = torch.zeros(b, wc, dtype=torch.bool, device=dev)
+        for r in range(b):
+            ids_c[r, : clen[r]] = input_ids[r, start[r] : lengths[r]]
+            mask_c[r, : clen[r]] = 1
+            sel_c[r, : clen[r]] = sel[r, start[r] : lengths[r]]
+        pos_c = (next_pos[idx][:, None] + torch.arange(wc, device=dev)).unsqueeze(0).expand(3, b, wc)
+        out = self.model.model(input_ids=ids_c, attention_mask=torch.cat([mask_p[idx], mask_c], 1), position_ids=pos_c,
+                               use_cache=True, **{_cache_kwarg(self.model): cache})  # fmt: skip
+        h_pred = torch.cat([h_first[:, None], out.last_hidden_state[:, :-1]], 1)  # h_pred[:, j] predicts ids_c[:, j]
+        return h_pred[sel_c]
+
+    def embeds_with_images(self, input_ids, pixel_values, image_grid_thw, inverse) -> torch.Tensor:
+        """Token embeddings with every image's features in its <|image_pad|> slots; the tower runs on the distinct
+        images (`pixel_values`, `image_grid_thw`) and image i of the batch gets distinct image `inverse[i]`'s
+        features (autograd sums the gradient of a shared image over its uses)."""
+        inner = self.model.model
+        feats = inner.get_image_features(pixel_values.to(inner.visual.dtype), image_grid_thw).pooler_output
+        feats = torch.cat([feats[j] for j in inverse])
+        embeds = inner.get_input_embeddings()(input_ids)
+        slots = (input_ids == self.model.config.image_token_id)[..., None].expand_as(embeds)
+        if int(slots[..., 0].sum()) != feats.shape[0]:
+            raise ValueError(f"{int(slots[..., 0].sum())} image tokens for {feats.shape[0]} image features")
+        return embeds.masked_scatter(slots, feats.to(embeds.dtype))
+
     def forward(self, input_ids, attention_mask, target_mask, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None, temperature: float = 1.0, with_entropy: bool = False):  # fmt: skip
         if mm_token_type_ids is None:
@@ -400,18 +486,28 @@ class Policy(nn.Module):
         # The dummy tower runs first, where a real image would (before the decoder): FSDP2's all-gathers must
         # come in the same order on every rank.
         dummy = self.dummy_vision() if self.always_run_vision and not has_images else None
-        position_ids = position_ids_for(self.model, input_ids, attention_mask,
-                                        image_grid_thw if has_images else None, mm_token_type_ids)  # fmt: skip
-        out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               pixel_values=pixel_values if has_images else None,
-                               image_grid_thw=image_grid_thw if has_images else None,
-                               mm_token_type_ids=mm_token_type_ids, use_cache=False)  # fmt: skip
-        hidden = out.last_hidden_state  # (B, T, H), after the final norm
-        # Position t-1 predicts token t: select the hidden states that predict a target token.
+        # Position t-1 predicts token t: the hidden states that predict a target token, in row-major order.
         sel = target_mask.bool().clone()
         sel[:, 0] = False
-        src = torch.roll(sel, shifts=-1, dims=1)  # src[b, t-1] = sel[b, t]
-        logp_sel, ent_sel = token_logprobs(hidden[src], self.model.lm_head.weight, input_ids[sel], temperature,
+        if self.share_prefix and not is_gradient_checkpointing(self.model):
+            h_sel = self._shared_prefix_hidden(input_ids, attention_mask, sel, pixel_values if has_images else None,
+                                               image_grid_thw if has_images else None)  # fmt: skip
+        else:
+            position_ids = position_ids_for(self.model, input_ids, attention_mask,
+                                            image_grid_thw if has_images else None, mm_token_type_ids)  # fmt: skip
+            unique = dedupe_images(pixel_values, image_grid_thw) if has_images and self.dedupe_images else None
+            if unique is None:
+                out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       pixel_values=pixel_values if has_images else None,
+                                       image_grid_thw=image_grid_thw if has_images else None,
+                                       mm_token_type_ids=mm_token_type_ids, use_cache=False)  # fmt: skip
+            else:  # a group's n sequences share their image: the tower runs once per distinct image
+                out = self.model.model(inputs_embeds=self.embeds_with_images(input_ids, *unique),
+                                       attention_mask=attention_mask, position_ids=position_ids,
+                                       mm_token_type_ids=mm_token_type_ids, use_cache=False)  # fmt: skip
+            hidden = out.last_hidden_state  # (B, T, H), after the final norm
+            h_sel = hidden[torch.roll(sel, shifts=-1, dims=1)]  # src[b, t-1] = sel[b, t]
+        logp_sel, ent_sel = token_logprobs(h_sel, self.model.lm_head.weight, input_ids[sel], temperature,
                                            self.chunk_size, with_entropy)  # fmt: skip
         logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
         entropy = torch.zeros_like(logp)
@@ -420,6 +516,31 @@ class Policy(nn.Module):
         if dummy is not None:
             logp = logp + dummy
         return logp, entropy
+
+
+def dedupe_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:  # fmt: skip
+    """A batch's images without repeats: (pixel_values, image_grid_thw, inverse) of the distinct images, where
+    image i of the batch is distinct image inverse[i]; None when every image is distinct. Images compare by
+    grid and exact pixel values (a cheap fingerprint first, then `torch.equal`)."""
+    rows = image_grid_thw.prod(-1).tolist()
+    if len(rows) < 2:
+        return None
+    blocks = pixel_values.split(rows)
+    sums = torch.stack([b.sum(dtype=torch.float64) for b in blocks]).tolist()
+    first: dict[tuple, list[int]] = {}
+    keep, inverse = [], []
+    for i, (grid, total) in enumerate(zip(image_grid_thw.tolist(), sums)):
+        bucket = first.setdefault((tuple(grid), total), [])
+        match = next((j for j in bucket if torch.equal(blocks[keep[j]], blocks[i])), None)
+        if match is None:
+            match = len(keep)
+            keep.append(i)
+            bucket.append(match)
+        inverse.append(match)
+    if len(keep) == len(rows):
+        return None
+    return torch.cat([blocks[i] for i in keep]), image_grid_thw[keep], inverse
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -540,3 +661,181 @@ def vision_special_ids(tokenizer) -> list[int]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rollout generation without HF's per-step vocabulary sort: an exact top-p sampler and a decode loop
+
+
+@functools.lru_cache(maxsize=16)
+def _block_size(vocab: int) -> int:
+    """A divisor of `vocab` near 2 sqrt(vocab) (the two-level inverse CDF below); 0 when none is usable."""
+    divisors = [d for d in range(8, vocab // 8 + 1) if vocab % d == 0]
+    return min(divisors, key=lambda d: (abs(math.log(d / (2 * vocab**0.5))), d)) if divisors else 0
+
+
+def _inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of `probs` (B, V), non-negative and unnormalised, drawn with probability proportional to
+    it: u ~ U(0, total), then the first index whose cumulative mass exceeds u. Two levels (block sums, their
+    cumsum in fp64, then a cumsum inside the chosen block only) cost one pass over V rather than HF's sort and
+    avoid the drift of one fp32 cumsum over 151k entries; a draw can land on a zero-probability index only
+    through rounding (the caller rejects those)."""
+    b, v = probs.shape
+    blk = _block_size(v)
+    if blk == 0:  # prime-sized vocabulary: pad to a multiple of 64 with zero mass
+        blk, pad = 64, -v % 64
+        probs = torch.nn.functional.pad(probs, (0, pad))
+    nb = probs.shape[1] // blk
+    blocks = probs.view(b, nb, blk)
+    csum = blocks.sum(-1).double().cumsum(-1)  # (B, nb)
+    u = torch.rand(b, 1, dtype=torch.float64, device=probs.device) * csum[:, -1:]
+    bi = torch.searchsorted(csum, u, right=True).clamp_(max=nb - 1)  # (B, 1) block of the draw
+    below = torch.where(bi > 0, csum.gather(1, (bi - 1).clamp(min=0)), torch.zeros_like(u))
+    inner = blocks.gather(1, bi[:, :, None].expand(b, 1, blk)).squeeze(1).double().cumsum(-1)  # (B, blk)
+    j = torch.searchsorted(inner, u - below, right=True).clamp_(max=blk - 1)
+    return (bi * blk + j).squeeze(1).clamp_(max=v - 1)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, max_rounds: int = 16,
+                  ) -> torch.Tensor:  # fmt: skip
+    """One token per row of `logits` (B, V), from softmax(logits / temperature) restricted to the top-p nucleus and
+    renormalised: the distribution of HF `generate`'s TemperatureLogitsWarper -> TopPLogitsWarper -> softmax ->
+    multinomial (a token is in the nucleus iff the tokens strictly more likely than it hold < top_p of the mass;
+    the most likely token always is; -inf logits are never drawn). Uses the global torch RNG.
+
+    HF sorts the whole vocabulary at every step (about 0.5 s for 32 x 151k on two CPU cores) and draws with an
+    exponential race over V. Here: an inverse-CDF draw from the full distribution, then rejection: a draw outside
+    the nucleus is drawn again (each round accepts with probability = the nucleus mass >= top_p; rows still
+    rejected after `max_rounds` take HF's sort). Exactness: tests/test_bench.py compares it with HF's warpers."""
+    probs = torch.softmax(logits.float() / temperature if temperature != 1.0 else logits.float(), dim=-1)
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    rows = None  # None: all rows (no copy of the (B, V) probabilities in the common first round)
+    for _ in range(max_rounds):
+        p = probs if rows is None else probs[rows]
+        tok = _inverse_cdf_draw(p)
+        p_tok = p.gather(1, tok[:, None])
+        ok = p_tok.squeeze(1) > 0
+        if top_p < 1.0:  # in the nucleus iff the tokens strictly more likely hold < top_p of the mass
+            check = ok & (p_tok.squeeze(1) <= 1 - top_p)  # p_tok > 1 - top_p settles it without a pass over V
+            if bool(check.all()):
+                ok = (p * (p > p_tok)).sum(-1) < top_p
+            elif bool(check.any()):
+                pc, tc = p[check], p_tok[check]
+                ok[check] = (pc * (pc > tc)).sum(-1) < top_p
+        idx = torch.arange(probs.shape[0], device=probs.device) if rows is None else rows
+        out[idx[ok]] = tok[ok]
+        rows = idx[~ok]
+        if rows.numel() == 0:
+            return out
+    p = probs[rows]  # the rare leftovers: HF's own nucleus (sort) and multinomial
+    sorted_p, order = torch.sort(p, descending=False)
+    drop = sorted_p.cumsum(-1) <= (1 - top_p)
+    drop[:, -1] = False
+    p = p.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+    out[rows] = torch.multinomial(p, 1).squeeze(1)
+    return out
+
+
+# GenerationConfig fields that `generate` below implements; any other field away from its default sends the call to
+# HF `generate` (beam search, top-k, repetition penalty, min_p, ... are not reimplemented).
+_DEFAULT_OK = {"num_beams": (None, 1), "top_k": (None, 0), "repetition_penalty": (None, 1.0), "min_p": (None,),
+               "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "top_h": (None,),
+               "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "forced_bos_token_id": (None,),
+               "forced_eos_token_id": (None,), "begin_suppress_tokens": (None,), "sequence_bias": (None,),
+               "num_return_sequences": (None, 1), "return_dict_in_generate": (None, False),
+               "output_scores": (None, False), "output_logits": (None, False), "min_length": (None, 0),
+               "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False),
+               "encoder_repetition_penalty": (None, 1.0), "guidance_scale": (None, 1.0), "stop_strings": (None,),
+               "prompt_lookup_num_tokens": (None,), "assistant_early_exit": (None,), "cache_implementation": (None,),
+               "watermarking_config": (None,), "penalty_alpha": (None,), "diversity_penalty": (None, 0.0),
+               "low_memory": (None, False), "use_cache": (None, True), "max_time": (None,)}  # fmt: skip
+
+
+def fast_generate_supported(gc: GenerationConfig) -> bool:
+    """Whether `generate` runs `gc` in its own loop (else it hands the call to HF `generate`)."""
+    if gc.max_new_tokens is None or gc.eos_token_id is None:
+        return False
+    return all(getattr(gc, k, None) in ok for k, ok in _DEFAULT_OK.items())
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: `cache` in transformers >= 5.2x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    return out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+@torch.no_grad()
+def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             generation_config: GenerationConfig, pixel_values: torch.Tensor | None = None,
+             image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
+             num_return_sequences: int = 1, synced_gpus: bool = False) -> torch.Tensor:  # fmt: skip
+    """`model.generate(input_ids, attention_mask, ..., generation_config=gc)` for rollouts, in our own decode loop:
+    the same output (prompt + new tokens, rows padded with pad_token_id after their end-of-turn; as many columns
+    as the longest row needed) and the same sampling distribution (`sample_tokens`; greedy when
+    do_sample=False), honouring temperature, top_p, max_new_tokens, min_new_tokens, eos/pad ids and
+    suppress_tokens. Only `gc` counts: nothing is merged in from the checkpoint's generation_config.json.
+
+    `num_return_sequences=n` (left-padded prompts, each once): the prompts are prefilled once (the vision tower
+    and the prompt's forward run once per prompt, not once per sample) and the KV cache is repeated n times;
+    output rows are prompt-major (prompt 0's n samples first), as `[p for p in prompts for _ in range(n)]`.
+    Anything else in `gc` (beam search, top-k, repetition penalty, ...) or `synced_gpus=True` goes to HF
+    `generate` unchanged."""
+    gc, n = generation_config, num_return_sequences
+    if synced_gpus or not fast_generate_supported(gc):
+        extra = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
+                                   ("mm_token_type_ids", mm_token_type_ids)) if v is not None}  # fmt: skip
+        if n > 1:
+            gc = GenerationConfig.from_dict({**gc.to_dict(), "num_return_sequences": n})
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gc,
+                              synced_gpus=synced_gpus, **extra)  # fmt: skip
+    device = input_ids.device
+    eos_ids = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
+    eos = torch.tensor(eos_ids, device=device)
+    pad_id = gc.pad_token_id if gc.pad_token_id is not None else eos_ids[0]
+    suppress = torch.tensor(list(gc.suppress_tokens or []), dtype=torch.long, device=device)
+    temperature = gc.temperature if gc.temperature is not None else 1.0
+    top_p = gc.top_p if gc.top_p is not None else 1.0
+    max_new, min_new = gc.max_new_tokens, gc.min_new_tokens or 0
+    if mm_token_type_ids is None:
+        mm_token_type_ids = (input_ids == model.config.image_token_id).int()
+    has_images = pixel_values is not None and pixel_values.numel() > 0
+    pos = position_ids_for(model, input_ids, attention_mask, image_grid_thw if has_images else None, mm_token_type_ids)
+    # Every new token sits one past the prompt's largest (M-RoPE) position, on all three axes, as in HF generate.
+    next_pos = pos.masked_fill(attention_mask[None] == 0, -1).amax(dim=(0, 2)) + 1  # (B,)
+    cache_kw = _cache_kwarg(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                pixel_values=pixel_values if has_images else None, image_grid_thw=image_grid_thw if has_images else None,
+                mm_token_type_ids=mm_token_type_ids, use_cache=True, logits_to_keep=1)  # fmt: skip
+    cache = _output_cache(out)
+    logits = out.logits[:, -1].float()
+    del out
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
+        logits, next_pos = logits.repeat_interleave(n, 0), next_pos.repeat_interleave(n, 0)
+    b, prompt_len = input_ids.shape
+    new = torch.full((b, max_new), pad_id, dtype=torch.long, device=device)
+    mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new)], dim=1)
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    steps = 0
+    for k in range(max_new):
+        if suppress.numel():
+            logits.index_fill_(1, suppress, -float("inf"))
+        if k < min_new:
+            logits.index_fill_(1, eos, -float("inf"))
+        tok = sample_tokens(logits, temperature, top_p) if gc.do_sample else logits.argmax(-1)
+        tok = torch.where(unfinished, tok, pad_id)
+        new[:, k] = tok
+        steps = k + 1
+        unfinished &= ~torch.isin(tok, eos)
+        if k == max_new - 1 or not bool(unfinished.any()):
+            break
+        step_pos = (next_pos + k).view(1, b, 1).expand(3, b, 1)
+        out = model(input_ids=tok[:, None], attention_mask=mask[:, : prompt_len + k + 1], position_ids=step_pos,
+                    use_cache=True, **{cache_kw: cache})  # fmt: skip
+        logits = out.logits[:, -1].float()
+        del out
+    return torch.cat([input_ids, new[:, :steps]], dim=1)

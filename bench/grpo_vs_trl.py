@@ -1,0 +1,417 @@
+"""One GRPO step (rollout + reward + update) of ours against TRL's `GRPOTrainer`, on CPU, one process per side.
+
+Both sides train the same tiny Qwen2.5-VL (`tiny`: the task BPE; `tiny-qwen`: the real 151k Qwen2 vocabulary;
+the same random weights, seed 0) on the same prompts with images (the synthetic task's mm_train split, the
+paper's system prompt), with the same n, batch and completion length, and do equal work: every completion is
+exactly `max_new_tokens` long (min_new_tokens = max_new_tokens), no KL (beta 0, no reference model), one
+optimizer update per rollout batch (mini-batch = micro-batch = the whole batch), our zero-advantage filter and PAD
+off (`pad_mode="off"`: TRL has neither), the same temperature / top_p, and the same reward on both sides (the
+share of ASCII letters in the decoded completion: cheap, and it varies within every group). The tokens generated
+and trained on are printed for each side.
+
+Each side runs in its own worker process that builds its model once and then runs one step per command; the
+parent alternates the two sides (ours first on even pairs, TRL first on odd ones), so that the machine's load
+drifts onto both alike, and reports the median over pairs of the per-pair ratio ours/TRL. One warm-up step per
+side is left out. Both workers use the same number of threads (default 1: with two OpenMP threads on a busy
+two-core machine a step can take 10x longer, and the noise swamps the comparison).
+
+TRL lives in a virtual environment that this script creates on first use (`.venv-trl/` at the repository root,
+ignored by git; or $TRL_VENV): `--system-site-packages` reuses the installed torch and transformers, and a
+constraint file pins both, so pip never pulls another torch. TRL is never a dependency of the project.
+
+`--ours suggested` runs our side with the rollout change proposed for grpo_mm.rollout (prompts prefilled
+once per group and `model.generate` replaced by `model.generate`'s drop-in `M.generate`, an exact top-p sampler
+that does not sort the vocabulary); `project` (default) runs grpo_mm.rollout as it is.
+
+    python bench/grpo_vs_trl.py                    # tiny and tiny-qwen: 4 prompts x 8, 64 tokens, 5 pairs
+    python bench/grpo_vs_trl.py --quick            # 2 prompts x 4, 16 tokens, 5 pairs
+Last line: `ratio ours/trl: tiny X, tiny-qwen Y` (goal: both <= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRL_VERSION = "1.16.0"
+TAG = "@@bench "  # protocol lines on a worker's stdout start with this; everything else is ignored
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared by both sides
+
+
+def letter_share(text: str) -> float:
+    """The benchmark's reward: share of ASCII letters in a completion (varies within every group)."""
+    return sum(c.isascii() and c.isalpha() for c in text) / max(1, len(text))
+
+
+def load_prompts(data: str, k: int):
+    """The first k records of `data` and their chat messages (the paper's prompt in the system turn)."""
+    import data as D
+
+    records = D.load_records(data)[:k]
+    if len(records) < k or any(len(r.images) != 1 for r in records):
+        raise SystemExit(f"{data}: need {k} records with one image each")
+    return records, D.REASONING_PROMPT, "system"
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(TAG + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def next_command() -> str:
+    line = sys.stdin.readline()
+    return line.strip() if line else "quit"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Our side: the body of grpo_mm.train's loop for one step
+
+
+def suggested_rollout(model, processor, prompts, rec_ids, cfg, seed):
+    """grpo_mm.rollout with the change proposed to the lead (BENCHMARKS.md): each prompt once in the batch, the
+    group's n samples from one prefill (`num_return_sequences`), and M.generate instead of model.generate."""
+    import torch
+
+    import data as D
+    import grpo_mm as G
+    import model as M
+
+    tok = processor.tokenizer
+    gc = M.generation_config(tok, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    gc.min_new_tokens = getattr(cfg, "min_new_tokens", None) or cfg.max_new_tokens  # the benchmark's equal work
+    eos = set(gc.eos_token_id)
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for s in range(0, len(prompts), cfg.rollout_micro_batch):
+            chunk = prompts[s : s + cfg.rollout_micro_batch]
+            ids = [r for r in rec_ids[s : s + cfg.rollout_micro_batch] for _ in range(cfg.n)]
+            batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
+            device = next(model.parameters()).device
+            batch = {k: v.to(device) for k, v in batch.items()}
+            seqs = M.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n)
+            new = seqs[:, batch["input_ids"].shape[1] :].tolist()
+            for rec, gen in zip(ids, new):
+                completion, truncated = M.split_completion(gen, eos)
+                out.append(G.Sample(rec, completion, tok.decode(completion, skip_special_tokens=True), truncated))
+    return out
+
+
+def ours_worker(a) -> None:
+    import functools
+
+    import torch
+
+    import common as C
+    import data as D
+    import grpo_mm as G
+    import model as M
+
+    torch.set_num_threads(a.threads)
+    records, prompt, placement = load_prompts(a.data, a.prompts)
+    cfg = G.GRPOConfig(model=a.model, rollout_batch=a.prompts, n=a.n, rollout_micro_batch=a.prompts,
+                       max_new_tokens=a.max_new_tokens, mini_batch=a.prompts * a.n, micro_batch=a.prompts * a.n,
+                       ppo_epochs=1, kl_coef=0.0, pad_mode="off", temperature=a.temperature, top_p=a.top_p,
+                       lr=a.lr, entropy_warmup=10**9)  # fmt: skip
+    if "min_new_tokens" in G.GRPOConfig.__dataclass_fields__:
+        cfg.min_new_tokens = a.max_new_tokens
+    elif a.ours == "project":  # rollout builds its config with M.generation_config: add min_new_tokens there
+        base = M.generation_config
+
+        @functools.wraps(base)
+        def with_min_new(*args, **kwargs):
+            gc = base(*args, **kwargs)
+            gc.min_new_tokens = a.max_new_tokens
+            return gc
+
+        M.generation_config = with_min_new
+    rollout = G.rollout if a.ours == "project" else suggested_rollout
+    d = C.init_distributed("cpu")
+    C.seed_everything(cfg.seed)
+    hf, processor = M.load_model(a.model, seed=0)
+    core = M.Policy(hf)
+    core.share_prefix = a.ours == "suggested"
+    params = [p for p in core.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    ids0 = D.encode_prompt(records[0], processor, prompt, placement, cfg.max_prompt_len).input_ids
+    emit({"ready": True, "side": "ours", "prompt_ids_0": ids0, "params": M.count_parameters(hf)})
+    step = 0
+    while next_command() == "step":
+        step += 1
+        t0 = time.perf_counter()
+        recs = list(range(len(records)))
+        encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in recs}
+        with M.gathered_for_generation(core) as gen_model:
+            samples = rollout(gen_model, processor, [encoded[r] for r in recs], recs, cfg,
+                              seed=G.rollout_seed(cfg.seed, step, d.rank))  # fmt: skip
+        t1 = time.perf_counter()
+        for s in samples:
+            s.reward = letter_share(s.text)
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).view(-1, cfg.n)
+        adv = G.group_advantages(rewards).flatten()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        drawn, _, _ = G.pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, 1.0, cfg.pad_rho, gen)
+        for s, adv_i, k in zip(samples, adv.tolist(), drawn.tolist()):
+            s.advantage, s.times_drawn = adv_i, k
+        stats = G.update(core, None, samples, records, encoded, processor, prompt, placement, cfg, d, 0.0, gen,
+                         params, opt)  # fmt: skip
+        t2 = time.perf_counter()
+        emit({"seconds": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1, "updates": stats["updates"],
+              "generated": sum(len(s.completion) for s in samples),
+              "trained": sum(len(s.completion) * s.times_drawn for s in samples),
+              "sequences": len(samples), "reward_std": float(rewards.std(-1).mean())})  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TRL's side: GRPOTrainer, one trainer step per command
+
+
+def trl_worker(a) -> None:
+    import datasets
+    import torch
+    import trl
+    from transformers import TrainerCallback
+
+    import data as D
+    import model as M
+
+    torch.set_num_threads(a.threads)
+    records, prompt, placement = load_prompts(a.data, a.prompts)
+    rows = []
+    for r in records:
+        msgs = D.build_messages(r, prompt, placement)
+        for m in msgs:  # plain strings: TRL puts the image placeholder before the user text, as build_messages does
+            if isinstance(m["content"], list):
+                m["content"] = next(c["text"] for c in m["content"] if c.get("type") == "text")
+        rows.append({"prompt": msgs, "image": D.open_image(r.images[0], r.source)})
+    dataset = datasets.Dataset.from_list(rows)
+    hf, processor = M.load_model(a.model, seed=0)
+    n_seq = a.prompts * a.n
+
+    def reward(completions, **kwargs):
+        texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+        return [letter_share(t) for t in texts]
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = trl.GRPOConfig(
+            output_dir=out_dir, per_device_train_batch_size=n_seq, gradient_accumulation_steps=1,
+            num_generations=a.n, max_completion_length=a.max_new_tokens,
+            generation_kwargs={"min_new_tokens": a.max_new_tokens}, temperature=a.temperature, top_p=a.top_p,
+            top_k=0, repetition_penalty=1.0, beta=0.0, num_iterations=1, epsilon=0.2, epsilon_high=0.25,
+            learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
+            max_steps=10**6, logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+            dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True, seed=0, log_completions=False,
+            mask_truncated_completions=False,
+        )  # fmt: skip
+        trainer = trl.GRPOTrainer(model=hf, reward_funcs=reward, args=args, train_dataset=dataset,
+                                  processing_class=processor)  # fmt: skip
+        # The prompt ids TRL generates from (checked against ours by the parent).
+        prepared = trl.data_utils.prepare_multimodal_messages(rows[0]["prompt"], images=[rows[0]["image"]])
+        ids0, _, _ = trainer._tokenize_prompts([prepared])
+        ids0 = [int(t) for t in ids0[0]]
+        counts, rollout_time = {}, [0.0]
+        inner = trainer._generate_and_score_completions
+
+        def timed_generate(inputs):
+            t = time.perf_counter()
+            out = inner(inputs)
+            rollout_time[0] += time.perf_counter() - t
+            mask = out["completion_mask"]
+            counts.update(generated=int(mask.sum()), trained=int(mask.sum()), sequences=int(mask.shape[0]),
+                          width=int(out["completion_ids"].shape[1]))  # fmt: skip
+            return out
+
+        trainer._generate_and_score_completions = timed_generate
+
+        class Sync(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if next_command() != "step":
+                    sys.stdout.flush()
+                    os._exit(0)
+                rollout_time[0] = 0.0
+                self.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                dt = time.perf_counter() - self.t0
+                emit({"seconds": dt, "rollout_s": rollout_time[0], "update_s": dt - rollout_time[0], "updates": 1,
+                      **counts})  # fmt: skip
+
+        trainer.add_callback(Sync())
+        emit({"ready": True, "side": "trl", "prompt_ids_0": ids0, "trl": trl.__version__,
+              "params": sum(p.numel() for p in hf.parameters())})  # fmt: skip
+        trainer.train()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The parent: venv, data, workers, alternation
+
+
+def trl_python() -> str:
+    """The TRL venv's python, creating the venv on first use (never pulling another torch)."""
+    import torch
+    import transformers
+
+    venv = os.environ.get("TRL_VENV", os.path.join(ROOT, ".venv-trl"))
+    py = os.path.join(venv, "bin", "python")
+    probe = "import trl, torch, transformers; print(trl.__version__, torch.__version__, transformers.__version__)"
+    want = f"{TRL_VERSION} {torch.__version__} {transformers.__version__}"
+
+    def ok() -> bool:
+        r = subprocess.run([py, "-c", probe], capture_output=True, text=True)
+        return r.returncode == 0 and r.stdout.split() == want.split()
+
+    if os.path.exists(py) and ok():
+        return py
+    print(f"creating the TRL environment in {venv} (trl {TRL_VERSION}, reusing torch {torch.__version__})", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(f"torch=={torch.__version__.split('+')[0]}\ntransformers=={transformers.__version__}\n")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"trl=={TRL_VERSION}",
+                    "-c", f.name], check=True)  # fmt: skip
+    os.unlink(f.name)
+    if not ok():
+        r = subprocess.run([py, "-c", probe], capture_output=True, text=True)
+        raise SystemExit(f"TRL environment {venv}: expected '{want}', got '{r.stdout.strip()}' {r.stderr[-500:]}")
+    return py
+
+
+class Worker:
+    def __init__(self, python: str, side: str, a, model: str, data: str, log):
+        cmd = [python, os.path.abspath(__file__), "--worker", side, "--model", model, "--data", data]
+        for k in ("prompts", "n", "max_new_tokens", "threads", "temperature", "top_p", "lr", "ours"):
+            cmd += [f"--{k}", str(getattr(a, k))]
+        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")  # fmt: skip
+        self.side = side
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                  cwd=ROOT)  # fmt: skip
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        for line in self.p.stdout:
+            if line.startswith(TAG):
+                return json.loads(line[len(TAG) :])
+        raise RuntimeError(f"{self.side} worker exited (code {self.p.wait()}); see its log")
+
+    def step(self) -> dict:
+        self.p.stdin.write("step\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        try:
+            self.p.stdin.write("quit\n")
+            self.p.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+
+
+def compare(model: str, a, data: str, trl_py: str, log) -> dict:
+    print(f"\n== {model}: {a.prompts} prompts x {a.n} samples, {a.max_new_tokens} new tokens each, "
+          f"{a.threads} thread(s), temperature {a.temperature}, top_p {a.top_p}, ours={a.ours}",
+          flush=True)  # fmt: skip
+    ours = Worker(sys.executable, "ours", a, model, data, log)
+    trl = Worker(trl_py, "trl", a, model, data, log)
+    try:
+        same = ours.info["prompt_ids_0"] == trl.info["prompt_ids_0"]
+        print(f"parameters {ours.info['params']:,} (TRL side {trl.info['params']:,}); prompt 0 is "
+              f"{len(ours.info['prompt_ids_0'])} tokens, identical token ids on both sides: {same}", flush=True)
+        if not same:
+            raise SystemExit("the two sides do not see the same prompt tokens")
+        warm = {"ours": ours.step(), "trl": trl.step()}
+        print(f"warm-up: ours {warm['ours']['seconds']:.2f} s, trl {warm['trl']['seconds']:.2f} s", flush=True)
+        runs = {"ours": [], "trl": []}
+        ratios = []
+        for r in range(a.repeats):
+            order = (ours, trl) if r % 2 == 0 else (trl, ours)
+            res = {w.side: w.step() for w in order}
+            for side in runs:
+                runs[side].append(res[side])
+            ratios.append(res["ours"]["seconds"] / res["trl"]["seconds"])
+            print(f"pair {r + 1}: ours {res['ours']['seconds']:.2f} s (rollout {res['ours']['rollout_s']:.2f}), "
+                  f"trl {res['trl']['seconds']:.2f} s (rollout {res['trl']['rollout_s']:.2f}), "
+                  f"ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
+    finally:
+        ours.close()
+        trl.close()
+    summary = {"model": model, "ratio": statistics.median(ratios), "ratios": ratios}
+    for side, rs in runs.items():
+        med = {k: statistics.median(x[k] for x in rs) for k in ("seconds", "rollout_s", "update_s")}
+        summary[side] = {**med, "generated": rs[-1]["generated"], "trained": rs[-1]["trained"],
+                         "sequences": rs[-1]["sequences"], "updates": rs[-1]["updates"]}  # fmt: skip
+        print(f"{side:>4}: median step {med['seconds']:.2f} s = rollout {med['rollout_s']:.2f} + update "
+              f"{med['update_s']:.2f}; per step {rs[-1]['sequences']} sequences, {rs[-1]['generated']} tokens "
+              f"generated, {rs[-1]['trained']} trained, {rs[-1]['updates']} update(s)")  # fmt: skip
+    print(f"{model}: median ratio ours/trl {summary['ratio']:.3f} (pairs: {', '.join(f'{x:.3f}' for x in ratios)})")
+    if summary["ours"]["generated"] != summary["trl"]["generated"] or summary["ours"]["trained"] != summary["trl"]["trained"]:
+        print("WARNING: the two sides did not generate / train on the same number of tokens")
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 prompts x 4 samples, 16 new tokens")
+    ap.add_argument("--models", default="tiny,tiny-qwen")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5, help="alternating pairs (the median of at least 5)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top_p", type=float, default=0.95)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--ours", choices=["project", "suggested"], default="project")
+    ap.add_argument("--data", default="", help="mm JSONL with one image per record (default: the synthetic task)")
+    ap.add_argument("--json", default="", help="also write the summary here")
+    ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    sys.path.insert(0, ROOT)
+    if a.worker:
+        (ours_worker if a.worker == "ours" else trl_worker)(a)
+        return
+    if a.quick:
+        a.prompts, a.n, a.max_new_tokens = 2, 4, 16
+    a.repeats = max(5, a.repeats)
+    trl_py = trl_python()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = a.data
+        if not data:
+            import synth
+
+            synth.write_synth(tmp, synth.SynthConfig(seed=0, n_sft=0, n_sft_test=0, n_mm_train=max(8, a.prompts),
+                                                     n_text_train=0, n_mm_test=0, n_text_test=0))  # fmt: skip
+            data = os.path.join(tmp, "mm_train.jsonl")
+        log_path = os.path.join(tmp, "workers.log")
+        results = []
+        with open(log_path, "w") as log:
+            try:
+                for model in a.models.split(","):
+                    results.append(compare(model, a, data, trl_py, log))
+            except BaseException:
+                log.flush()
+                with open(log_path) as f:
+                    sys.stderr.write(f.read()[-4000:])
+                raise
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "results": results, "date": time.strftime("%Y-%m-%d")}, f, indent=2)
+    print("ratio ours/trl: " + ", ".join(f"{r['model']} {r['ratio']:.3f}" for r in results))
+
+
+if __name__ == "__main__":
+    main()

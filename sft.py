@@ -1,0 +1,461 @@
+"""Stage 1, cold-start SFT: teach the base model the <think> ... </think> \\boxed{} format on reasoning traces.
+
+What it does
+------------
+Full fine-tuning of Qwen2.5-VL on JSONL records with a `solution` (the whole assistant turn; text-only and
+multimodal records may be mixed). Each record becomes chat prompt (with the paper's Fig. 5 reasoning prompt,
+placement configurable) + solution + <|im_end|>; the loss is the negative log-likelihood of the assistant
+tokens only, closing <|im_end|> included, computed through `model.Policy`'s chunked fp32 log-probs (the
+B x T x V logits never exist). The loss of an optimizer step is
+
+    sum over every target token of the step (all micro-batches, all ranks) of -log p  /  that token count,
+
+so the update does not depend on how the global batch is split over ranks and micro-batches.
+
+Paper settings (Table 5, cold start; configs/sft_7b.yaml)
+----------------------------------------------------------
+lr 2e-5, cosine schedule with warm-up ratio 0.05, 5 epochs, gradient accumulation 8, max length 32768, bf16,
+full fine-tune, on Qwen2.5-VL-7B-Instruct with 8 GPUs.
+
+Where this departs from the paper, or fills in what it leaves open
+-------------------------------------------------------------------
+* Batch size: the paper gives only grad-accum 8; with 8 GPUs and one sequence per GPU per forward (the
+  LLaMA-Factory default its released code builds on) that is a global batch of 64 sequences. Here
+  `global_batch` is the sequences per optimizer step over all ranks; the accumulation count follows from it
+  (ceil(global_batch / (micro_batch * world))).
+* Weight decay 0.0, AdamW betas (0.9, 0.999), eps 1e-8, grad-norm clip 1.0: the paper is silent; these are the
+  Hugging Face Trainer / LLaMA-Factory defaults. Decay (when > 0) skips 1-D tensors (biases, norms).
+* Warm-up: warmup = ceil(warmup_ratio * total_steps) steps; step t (0-based) uses lr * (t+1)/(warmup+1) during
+  warm-up, then lr * 0.5 * (1 + cos(pi * (t - warmup) / (total - warmup))). Unlike the HF schedule, no step
+  runs at lr 0.
+* Too-long records (prompt + solution > max_len) are an error naming the record (LLaMA-Factory truncates
+  them silently); with `skip_bad` they are dropped and counted instead.
+* bf16 means bf16 compute with fp32 master weights, gradients and AdamW state (FSDP2 mixed precision, or
+  autocast with ddp/none; PITFALLS.md), never bf16 weights; the log-probs come from fp32 logits either way.
+* The last optimizer step of an epoch takes the remaining records (fewer than global_batch); the loss is
+  still a mean over its tokens.
+* A micro-batch without images runs the vision tower on a dummy image (output x 0) in every mode, so the
+  tower always has a (zero) gradient and AdamW's state evolves the same on 1 or N processes. The released
+  (HF Trainer) code leaves such gradients at None, which skips the tower's AdamW step; here a step with no
+  image still moves the tower on its AdamW momentum (and decays it when weight_decay > 0).
+
+Distributed: `torchrun --nproc_per_node N sft.py ...` with FSDP2 (`model.shard`) or DDP; every rank runs the
+same number of micro-batches (zero-weight ones where the global batch does not split evenly), and a rank
+whose micro-batch has no image still runs the vision tower (on a dummy image, output x 0), so collectives
+always match. Checkpoints (`out_dir/ckpt/step_NNNNNN`, common.save_checkpoint) hold the sharded model and
+optimizer, every rank's RNG, the step (which fixes the lr) and the data position (epoch, index into that
+epoch's order; the order is a function of (seed, epoch) only). Re-running the same command continues from
+the newest complete checkpoint and cuts metrics.jsonl back to it. The final model goes to `out_dir/final`
+(Hugging Face format, with {"prompt", "placement", "stage": "sft"} in revisual.json). Tests simulate crashes
+with REVISUAL_TEST_KILL="save:STEP" (SIGKILL inside the checkpoint write, before its rename) or "saved:STEP"
+(right after it); see common.debug_kill_hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+import common as C
+import data as D
+import model as M
+
+log = logging.getLogger("sft")
+
+
+@dataclass
+class SFTConfig:
+    """Cold-start SFT (stage 1). Defaults suit the built-in tiny model; the 7B values are in the comments
+    and in configs/sft_7b.yaml."""
+
+    model: str = "tiny"  # 7B: Qwen2.5-VL-7B-Instruct directory
+    data: str = ""  # JSONL with `solution` (several comma-separated); required
+    eval_data: str = ""  # held-out JSONL with `solution`, for eval_loss (optional)
+    out_dir: str = "out/sft"
+    max_steps: int = 0  # > 0: exactly this many optimizer steps (overrides epochs)
+    epochs: float = 5.0  # paper: 5
+    lr: float = 2e-5  # paper: 2e-5 (the tiny runs pass a larger one)
+    warmup_ratio: float = 0.05  # paper: 0.05
+    weight_decay: float = 0.0  # paper silent; HF Trainer default
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # paper silent; AdamW default
+    adam_eps: float = 1e-8
+    global_batch: int = 16  # sequences per optimizer step over all ranks; 7B: 64 (8 GPUs x 1 x accum 8)
+    micro_batch: int = 8  # sequences per forward per rank; 7B: 1
+    max_len: int = 32768  # paper: 32768 (prompt + solution tokens)
+    grad_clip: float = 1.0  # max grad norm (0 = off); paper silent, HF default
+    seed: int = 0
+    save_every: int = 100  # optimizer steps between checkpoints (0 = none)
+    keep_checkpoints: int = 2
+    eval_every: int = 50  # optimizer steps between eval_loss measurements (0 = only at the end)
+    resume: str = "auto"  # auto: newest checkpoint in out_dir if any; false: start over; or a checkpoint path
+    distributed: str = "auto"  # fsdp | ddp | none; auto: fsdp on GPU, ddp on CPU with several ranks, else none
+    bf16: str = "auto"  # auto: on with CUDA (bf16 compute, fp32 master weights); true | false
+    gradient_checkpointing: bool = False  # 7B: true
+    freeze_vision: bool = False  # paper: full fine-tune
+    group_by_length: bool = True  # micro-batches of similar length (less padding)
+    prompt: str = D.REASONING_PROMPT  # paper Fig. 5
+    placement: str = "system"  # system (paper Fig. 5) | user (released code)
+    max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
+    skip_bad: bool = False  # drop (and count) bad or too-long records instead of stopping
+    chunk_size: int = 1024  # tokens per lm_head chunk of the log-prob computation
+    log_every: int = 10  # steps between console lines (0 = none); metrics.jsonl and wandb get every step
+    wandb_project: str = ""  # log to Weights & Biases when set and wandb imports
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedule and data plan (pure functions; the tests call them)
+
+
+def warmup_steps(total: int, warmup_ratio: float) -> int:
+    return math.ceil(warmup_ratio * total)
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup_ratio: float) -> float:
+    """Learning rate of optimizer step `step` (0-based) of `total`: linear warm-up, then cosine to 0."""
+    w = warmup_steps(total, warmup_ratio)
+    if step < w:
+        return base_lr * (step + 1) / (w + 1)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+@dataclass
+class Example:
+    prompt: D.EncodedPrompt
+    completion: list[int]  # solution tokens + <|im_end|> (the targets)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt.input_ids) + len(self.completion)
+
+
+def epoch_order(lengths: list[int], seed: int, epoch: int, micro_batch: int, group_by_length: bool) -> list[int]:
+    """The order of an epoch: a function of (seed, epoch) only (not of the world size), so resume is exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if group_by_length:
+        return D.length_grouped_order(lengths, micro_batch, g)
+    return torch.randperm(len(lengths), generator=g).tolist()
+
+
+def rank_micro_batches(items: list[int], micro_batch: int, world: int, rank: int) -> list[list[int] | None]:
+    """This rank's micro-batches of a step: the step's items cut into runs of `micro_batch` (consecutive in the
+    length-grouped order), dealt round-robin to ranks. Every rank gets the same count; `None` is a zero-weight
+    filler (it still runs forward/backward so the collectives match)."""
+    chunks = [items[i : i + micro_batch] for i in range(0, len(items), micro_batch)]
+    per_rank = math.ceil(len(chunks) / world)
+    return [chunks[k * world + rank] if k * world + rank < len(chunks) else None for k in range(per_rank)]
+
+
+def token_mean_loss(nll_sums: list[torch.Tensor], global_tokens: int, world: int) -> torch.Tensor:
+    """The loss a rank backpropagates: its summed NLL over the step's GLOBAL target-token count, times the
+    world size because DDP and FSDP average gradients over ranks (so the update is the global token mean)."""
+    return sum(nll_sums) * (world / global_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Set-up helpers
+
+
+def validate(cfg: SFTConfig) -> None:
+    if not cfg.data:
+        raise C.ConfigError("--data is required (JSONL records with a 'solution' field)")
+    for name in ("global_batch", "micro_batch", "max_len", "chunk_size", "max_bad_steps"):
+        if getattr(cfg, name) < 1:
+            raise C.ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_steps < 0 or cfg.epochs <= 0 and cfg.max_steps == 0:
+        raise C.ConfigError("set --max_steps > 0 or --epochs > 0")
+    if cfg.placement not in D.PLACEMENTS:
+        raise C.ConfigError(f"--placement must be one of {D.PLACEMENTS}, got {cfg.placement!r}")
+    if cfg.distributed not in ("auto", "fsdp", "ddp", "none"):
+        raise C.ConfigError(f"--distributed must be auto, fsdp, ddp or none, got {cfg.distributed!r}")
+    if str(cfg.bf16).lower() not in ("auto", "true", "false"):
+        raise C.ConfigError(f"--bf16 must be auto, true or false, got {cfg.bf16!r}")
+    if len(cfg.betas) != 2:
+        raise C.ConfigError(f"--betas needs two values, got {cfg.betas}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise C.ConfigError(f"--warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+
+
+def build_examples(records: list[D.Record], processor, cfg: SFTConfig) -> list[Example]:
+    """Encode prompts (images processed once) and solutions; enforce max_len (error, or drop with skip_bad)."""
+    prompts = D.encode_all(records, processor, cfg.prompt, cfg.placement, skip_bad=cfg.skip_bad)
+    out, dropped = [], 0
+    for p in prompts:
+        ex = Example(p, D.encode_completion(p.record.solution or "", processor.tokenizer))
+        if ex.length > cfg.max_len:
+            msg = (f"{p.record.source}: field 'solution': prompt + solution is {ex.length} tokens, "
+                   f"over max_len {cfg.max_len}")  # fmt: skip
+            if not cfg.skip_bad:
+                raise D.DataError(msg)
+            dropped += 1
+            log.warning("dropped (%d so far): %s", dropped, msg)
+            continue
+        out.append(ex)
+    if dropped:
+        log.warning("dropped %d record(s) over max_len %d", dropped, cfg.max_len)
+    if not out:
+        raise D.DataError(f"{cfg.data}: no usable records")
+    return out
+
+
+def collate(examples: list[Example], pad_id: int, image_token_id: int, device) -> dict:
+    """data.collate_sequences (what data.collate_sft does, with the solutions tokenised once up front)."""
+    b = D.collate_sequences([e.prompt for e in examples], [e.completion for e in examples], pad_id, image_token_id)
+    b.pop("labels")
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+def choose_mode(cfg: SFTConfig, d: C.Dist) -> tuple[str, bool]:
+    """(distributed mode, bf16) from the config's auto settings."""
+    cuda = d.device.type == "cuda"
+    mode = cfg.distributed
+    if mode == "auto":
+        mode = "fsdp" if cuda else ("ddp" if d.world > 1 else "none")
+    if mode == "none" and d.world > 1:
+        raise C.ConfigError("--distributed none cannot run under torchrun with several ranks")
+    bf16 = cuda if str(cfg.bf16).lower() == "auto" else str(cfg.bf16).lower() == "true"
+    if mode == "fsdp" and not dist.is_initialized():  # FSDP2 on one process needs a (trivial) process group
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return mode, bf16
+
+
+def wrap(policy: M.Policy, mode: str, bf16: bool, d: C.Dist) -> torch.nn.Module:
+    # A micro-batch without an image runs the tower on a dummy image (output x 0), in every mode: FSDP2's
+    # all-gathers then match across ranks, DDP needs no find_unused_parameters, and the tower always gets a
+    # (zero) gradient, so AdamW treats it the same whatever the world size (a None gradient would skip its
+    # moment update on one process but not on two). With weight_decay > 0 this also decays an unused tower.
+    policy.always_run_vision = True
+    if mode == "fsdp":
+        return M.shard(policy, param_dtype=torch.bfloat16 if bf16 else None)
+    policy.to(d.device)
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if d.device.type == "cuda"
+                                                         else None)  # fmt: skip
+    return policy
+
+
+def make_optimizer(module: torch.nn.Module, cfg: SFTConfig) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps)
+
+
+def grad_norm_and_clip(module: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def open_wandb(cfg: SFTConfig, d: C.Dist):
+    if not (cfg.wandb_project and d.main):
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb_project is set but wandb does not import: not logging to wandb")
+        return None
+    return wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
+                      config=dataclasses.asdict(cfg), dir=cfg.out_dir, resume="allow")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def eval_loss(wrapped, examples: list[Example], cfg: SFTConfig, d: C.Dist, pad_id: int, image_token_id: int) -> float:
+    """Per-token NLL on held-out examples; micro-batches by length, dealt to ranks (same count on every rank)."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    wrapped.eval()
+    nll = torch.zeros(2, dtype=torch.float64)
+    for chunk in rank_micro_batches(order, cfg.micro_batch, d.world, d.rank):
+        batch = collate([examples[i] for i in (chunk or order[: cfg.micro_batch])], pad_id, image_token_id, d.device)
+        logp, _ = wrapped(**batch)
+        if chunk is not None:
+            nll += torch.tensor([-(logp * batch["target_mask"]).sum().item(), batch["target_mask"].sum().item()],
+                                dtype=torch.float64)  # fmt: skip
+    wrapped.train()
+    nll = C.all_reduce_sum(nll.to(d.device), d).cpu()
+    return float(nll[0] / nll[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg: SFTConfig) -> str:
+    """Run the stage; returns the path of the final model."""
+    validate(cfg)
+    d = C.init_distributed()
+    logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
+                        format=f"[sft rank {d.rank}] %(levelname)s %(message)s")  # fmt: skip
+    mode, bf16 = choose_mode(cfg, d)
+    C.seed_everything(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # Data
+    train_rec = D.load_records(cfg.data, require_solution=True, skip_bad=cfg.skip_bad)  # bad input fails fast
+    eval_rec = D.load_records(cfg.eval_data, require_solution=True, skip_bad=cfg.skip_bad) if cfg.eval_data else []
+    model, processor = M.load_model(cfg.model, seed=cfg.seed)
+    tok, image_token_id = processor.tokenizer, model.config.image_token_id
+    train_ex = build_examples(train_rec, processor, cfg)
+    eval_ex = build_examples(eval_rec, processor, cfg) if eval_rec else []
+    lengths = [e.length for e in train_ex]
+    n = len(train_ex)
+    steps_per_epoch = math.ceil(n / cfg.global_batch)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
+    accum = math.ceil(math.ceil(min(cfg.global_batch, n) / cfg.micro_batch) / d.world)
+    log.info("%d train records (%d with images), %d eval; %d steps (%d per epoch), global batch %d = %d ranks x "
+             "%d micro-batches x %d; mode %s, bf16 %s", n, sum(e.prompt.pixel_values is not None for e in train_ex),
+             len(eval_ex), total, steps_per_epoch, cfg.global_batch, d.world, accum, cfg.micro_batch, mode, bf16)
+
+    # Model, optimizer
+    policy = M.Policy(model, chunk_size=cfg.chunk_size)
+    M.set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    M.freeze_vision(model, cfg.freeze_vision)
+    policy.train()
+    wrapped = wrap(policy, mode, bf16, d)
+    # bf16 without FSDP: autocast (weights stay fp32; token_logprobs turns it off for the fp32 logits).
+    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if bf16 and mode != "fsdp" else (
+        contextlib.nullcontext)  # fmt: skip
+    optimizer = make_optimizer(wrapped, cfg)
+
+    # Resume
+    step, epoch, index, bad_streak, bad_total, elapsed_before = 0, 0, 0, 0, 0, 0.0
+    resume = str(cfg.resume)
+    ckpt = None
+    if resume.lower() in ("auto", "true", "yes", "1"):
+        ckpt = C.latest_checkpoint(cfg.out_dir)
+        if ckpt is None and resume.lower() != "auto":
+            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint in {cfg.out_dir}/ckpt")
+    elif resume.lower() not in ("false", "no", "0", "never"):
+        ckpt = resume
+        if not os.path.isfile(os.path.join(ckpt, "state.json")):
+            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no state.json)")
+    elif d.main:  # starting over: old checkpoints would otherwise be resumed from later
+        shutil.rmtree(os.path.join(cfg.out_dir, "ckpt"), ignore_errors=True)
+    if ckpt:
+        state = C.load_checkpoint(ckpt, wrapped, optimizer, d)
+        step, epoch, index = state["step"], state["epoch"], state["index"]
+        bad_streak, bad_total, elapsed_before = state["bad_streak"], state["bad_total"], state["elapsed_s"]
+        if state.get("global_batch") != cfg.global_batch or state.get("n_records") != n:
+            log.warning("resuming %s with a different global_batch or data size: the data position may shift", ckpt)
+        log.info("resumed from %s (step %d, epoch %d, index %d)", ckpt, step, epoch, index)
+    metrics = C.JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=d.main)
+    metrics.truncate_after(step)
+    C.barrier(d)
+
+    run = open_wandb(cfg, d)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not d.main, desc="sft", dynamic_ncols=True)
+    orders: dict[int, list[int]] = {}
+    t_start = time.time()
+    while step < total:
+        if epoch not in orders:
+            orders = {epoch: epoch_order(lengths, cfg.seed, epoch, cfg.micro_batch, cfg.group_by_length)}
+        items = orders[epoch][index : index + cfg.global_batch]
+        t0 = time.time()
+        mine = rank_micro_batches(items, cfg.micro_batch, d.world, d.rank)
+        local_tokens = sum(len(train_ex[i].completion) for mb in mine if mb for i in mb)
+        global_tokens = int(C.all_reduce_sum(torch.tensor([local_tokens], device=d.device), d).item())
+
+        # Forward/backward over this rank's micro-batches. DDP syncs gradients only on the last one; FSDP2
+        # reduce-scatters after each (keeping unsharded gradients across micro-batches would cost their memory).
+        nll_local = 0.0
+        for k, mb in enumerate(mine):
+            batch = collate([train_ex[i] for i in (mb or items[: cfg.micro_batch])], tok.pad_token_id,
+                            image_token_id, d.device)  # fmt: skip
+            sync = mode != "ddp" or k == len(mine) - 1
+            with contextlib.nullcontext() if sync else wrapped.no_sync():
+                with autocast():
+                    logp, _ = wrapped(**batch)
+                nll = -(logp * batch["target_mask"]).sum() * (1.0 if mb else 0.0)  # a filler weighs 0
+                token_mean_loss([nll], global_tokens, d.world).backward()
+            nll_local += nll.item()
+        loss = float(C.all_reduce_sum(torch.tensor([nll_local], dtype=torch.float64, device=d.device), d).item())
+        loss /= global_tokens
+
+        lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
+        grad_norm = grad_norm_and_clip(wrapped, cfg.grad_clip) if math.isfinite(loss) else float("nan")
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            bad_streak, bad_total = bad_streak + 1, bad_total + 1
+        else:
+            bad_streak = 0
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Advance the data position: the last step of an epoch takes what is left.
+        step += 1
+        index += len(items)
+        if index >= n:
+            epoch, index = epoch + 1, 0
+        dt = time.time() - t0
+        seq_tokens = sum(lengths[i] for i in items)
+        padded = sum(len(c) * max(lengths[i] for i in c) for c in
+                     (items[j : j + cfg.micro_batch] for j in range(0, len(items), cfg.micro_batch)))  # fmt: skip
+        row = {"step": step, "epoch": round(epoch + index / n, 4), "loss": loss if not skipped else 0.0, "lr": lr,
+               "grad_norm": grad_norm if not skipped else 0.0, "tokens": global_tokens, "seq_tokens": seq_tokens,
+               "pad_frac": 1.0 - seq_tokens / padded, "tokens_per_s": seq_tokens / max(dt, 1e-9),
+               "skipped": int(skipped), "bad_steps": bad_total}  # fmt: skip
+        if eval_ex and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            with autocast():
+                row["eval_loss"] = eval_loss(wrapped, eval_ex, cfg, d, tok.pad_token_id, image_token_id)
+        row["elapsed_s"] = elapsed_before + time.time() - t_start
+        metrics.write(row)
+        if run is not None:
+            run.log(row, step=step)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
+        bar.update(1)
+        if d.main and cfg.log_every and step % cfg.log_every == 0:
+            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if skipped:
+            log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
+                        step, loss, grad_norm, bad_streak)
+            if bad_streak >= cfg.max_bad_steps:
+                bar.close()
+                sys.exit(f"error: {bad_streak} non-finite steps in a row (up to step {step}), stopping; "
+                         f"lower --lr or check the data (last checkpoint: {C.latest_checkpoint(cfg.out_dir)})")
+
+        if cfg.save_every and step % cfg.save_every == 0 and step < total:
+            state = {"epoch": epoch, "index": index, "bad_streak": bad_streak, "bad_total": bad_total,
+                     "elapsed_s": row["elapsed_s"], "global_batch": cfg.global_batch, "n_records": n,
+                     "scheduler": {"step": step, "total": total, "warmup": warmup_steps(total, cfg.warmup_ratio)}}
+            C.save_checkpoint(cfg.out_dir, step, wrapped, optimizer, state, d, keep=cfg.keep_checkpoints)
+            C.debug_kill_hook("saved", step)
+    bar.close()
+
+    # Final model: gathered on every rank, written by rank 0.
+    final = os.path.join(cfg.out_dir, "final")
+    state_dict = M.full_state_dict(policy)
+    if d.main:
+        meta = {"prompt": cfg.prompt, "placement": cfg.placement, "stage": "sft", "base_model": cfg.model,
+                "steps": step}  # fmt: skip
+        M.save_model(policy.model, processor, final, metadata=meta, state_dict=state_dict)
+        log.info("final model written to %s", final)
+    C.barrier(d)
+    if run is not None:
+        run.finish()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return final
+
+
+if __name__ == "__main__":
+    C.main_guard(train, SFTConfig)
