@@ -489,7 +489,7 @@ def _generate_batch(hf, processor, jobs: list[tuple[D.Record, int]], gen_cfg, ba
     devices = [param.device] if param.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG stream is left alone
         torch.manual_seed(batch_seed)
-        out = hf.generate(**batch, generation_config=gen_cfg, synced_gpus=False)
+        out = M.generate(hf, **batch, generation_config=gen_cfg)  # HF generate's output, our decode loop
     new = out[:, batch["input_ids"].shape[1] :].tolist()
     eos = set(gen_cfg.eos_token_id)
     rows = []

@@ -64,6 +64,7 @@ class GRPOConfig:
     top_p: float = 0.95
     max_prompt_len: int = 1024  # paper: 8192
     max_new_tokens: int = 64  # paper: 8192
+    min_new_tokens: int = 0  # 0: none (benchmarks set it to max_new_tokens for equal work)
     truncation: str = "keep"  # keep | mask
     # update
     mini_batch: int = 64  # sequences per optimizer update, global (paper: 128 prompts x 8 = 1024 sequences)
@@ -270,21 +271,23 @@ class PromptSampler:
 
 def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int], cfg: GRPOConfig, seed: int,
             ) -> list[Sample]:  # fmt: skip
-    """n completions per prompt with `generate`; the prompt is encoded once and repeated for its group."""
+    """n completions per prompt with model.py's `generate` (the distribution of HF `generate`, one prefill per
+    group); the prompt is encoded once."""
     tok = processor.tokenizer
     gc = M.generation_config(tok, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    gc.min_new_tokens = cfg.min_new_tokens or None
     eos = set(gc.eos_token_id)
     out: list[Sample] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for s in range(0, len(prompts), cfg.rollout_micro_batch):
-            chunk = [p for p in prompts[s : s + cfg.rollout_micro_batch] for _ in range(cfg.n)]
+            chunk = prompts[s : s + cfg.rollout_micro_batch]
             ids = [r for r in rec_ids[s : s + cfg.rollout_micro_batch] for _ in range(cfg.n)]
             batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
             device = next(model.parameters()).device
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.no_grad():
-                seqs = model.generate(**batch, generation_config=gc, synced_gpus=False)
+            # Each prompt is prefilled once and its KV cache repeated n times; rows come back prompt-major.
+            seqs = M.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n)
             new = seqs[:, batch["input_ids"].shape[1] :].tolist()
             for rec, gen in zip(ids, new):
                 completion, truncated = M.split_completion(gen, eos)
@@ -344,9 +347,13 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
         M.freeze_vision(hf)
     M.set_gradient_checkpointing(hf, cfg.gradient_checkpointing)
     core = M.Policy(hf)
+    # A group's n sequences share one prompt: its image through the vision tower once and its prompt through
+    # the decoder once (model.py; equal to the plain forward up to summation order).
+    core.dedupe_images = core.share_prefix = True
     ref = None
     if cfg.kl_coef > 0:  # the stage's starting model, frozen; only loaded when the KL term is on
         ref = M.Policy(M.load_model(cfg.model, device=d.device, seed=cfg.seed)[0]).eval().requires_grad_(False)
+        ref.dedupe_images = ref.share_prefix = True
     bf16 = torch.bfloat16 if cfg.bf16 else None
     policy = core
     core.autocast_bf16 = bool(cfg.bf16 and not d.on and d.device.type == "cuda")

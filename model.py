@@ -14,6 +14,11 @@
   `gathered_for_generation(policy)`: run `generate` on a sharded model with no collective per token.
 - `save_model`: Hugging Face format (model + processor + a `revisual.json` with the training prompt),
   written under a temporary name and renamed.
+- `generate(model, input_ids, attention_mask, gc, ..., num_return_sequences=n)`: rollouts in our own decode
+  loop, the output and sampling distribution of HF `generate` for the rollouts' configs, with `sample_tokens`
+  (exact temperature + top-p sampling without sorting the vocabulary) and one prefill per group of n samples.
+- `Policy.dedupe_images` / `Policy.share_prefix` (opt-in): a batch's repeated images through the vision tower
+  once, and its repeated prompts through the decoder once (the group's completions on a shared KV cache).
 """
 
 from __future__ import annotations
@@ -383,7 +388,9 @@ class Policy(nn.Module):
         # Set by `shard`: a batch without images still runs the vision tower on a dummy image (output x 0),
         # so every rank takes part in the tower's FSDP all-gathers (PITFALLS: otherwise ranks deadlock).
         self.always_run_vision = False
-        # Identical images in a batch (a group's n samples repeat their prompt's) go through the tower once.
+        # Opt-in: identical images in a batch (a group's n samples repeat their prompt's) go through the tower
+        # once. The gradient is the same up to summation order (~1e-7), which is enough to move a 200-step
+        # high-lr run (tests/test_sft.py's format threshold), so it is off unless asked for.
         self.dedupe_images = False
         # Opt-in: each distinct prompt of a batch runs through the decoder once and the batch's sequences that
         # start with it (a group's n samples) attend to its KV cache (`_shared_prefix_hidden`); the plain path

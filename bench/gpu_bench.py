@@ -146,6 +146,7 @@ def build(size: str, device, dtype):
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary inv_freq) real
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=M.attention_implementation(),
                                                                 dtype=dtype)  # fmt: skip
+    model.tie_weights()  # `_from_config` leaves the 3B's lm_head untied from its embeddings (4.07B, not 3.75B)
     meta_params = M.count_parameters(model)
     new: dict[int, torch.nn.Parameter] = {}
     gen = torch.Generator(device=device).manual_seed(0)
@@ -239,8 +240,11 @@ def decode(a, rec: Recorder, compiled: bool = False) -> None:
         ids = torch.randint(0, 1000 if size == "tiny" else 150000, (batch, prompt_len), generator=g).to(device)
         mask = torch.ones_like(ids)
         paths = ["hf_static_compiled"] if compiled else ["hf_generate", "ours_generate"]
-        # Roofline: every decode step reads the decoder + lm_head weights and the whole KV cache once.
-        text_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
+        # Roofline: every decode step reads the decoder + lm_head weights and the whole KV cache once (the input
+        # embedding table only through lm_head when the two are tied; otherwise just B rows of it).
+        tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+        text_params = sum(p.numel() for n, p in model.named_parameters()
+                          if "visual" not in n and (tied or "embed_tokens" not in n))  # fmt: skip
         weight_bytes = text_params * torch.finfo(dtype).bits // 8
         head_dim = tc.hidden_size // tc.num_attention_heads
         ctx = prompt_len + steps / 2
@@ -335,6 +339,10 @@ def main() -> None:
                     help="bytes/s for the roofline (default: what `bw` measured into --out, else nominal)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.dry_run:
+        import torch
+
+        torch.set_num_threads(1)  # tiny shapes: threads only add contention on a shared CPU
     rec = Recorder(a.out)
     if a.only == "env":
         env(a, rec)

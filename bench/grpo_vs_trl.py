@@ -19,9 +19,11 @@ TRL lives in a virtual environment that this script creates on first use (`.venv
 ignored by git; or $TRL_VENV): `--system-site-packages` reuses the installed torch and transformers, and a
 constraint file pins both, so pip never pulls another torch. TRL is never a dependency of the project.
 
-`--ours suggested` runs our side with the rollout change proposed for grpo_mm.rollout (prompts prefilled
-once per group and `model.generate` replaced by `model.generate`'s drop-in `M.generate`, an exact top-p sampler
-that does not sort the vocabulary); `project` (default) runs grpo_mm.rollout as it is.
+`--ours project` (default) runs grpo_mm as it is. `--ours suggested` runs the changes proposed for grpo_mm
+(BENCHMARKS.md): rollouts through `M.generate` (our decode loop and an exact top-p sampler that does not sort
+the 151k vocabulary; each prompt prefilled once per group) and the policy's `dedupe_images` / `share_prefix`
+(a group's image through the vision tower once; its prompt through the decoder once, the n completions on a
+shared KV cache). Both use grpo_mm's own rollout bookkeeping, advantages, pad_select and update.
 
     python bench/grpo_vs_trl.py                    # tiny and tiny-qwen: 4 prompts x 8, 64 tokens, 5 pairs
     python bench/grpo_vs_trl.py --quick            # 2 prompts x 4, 16 tokens, 5 pairs
@@ -140,7 +142,7 @@ def ours_worker(a) -> None:
     C.seed_everything(cfg.seed)
     hf, processor = M.load_model(a.model, seed=0)
     core = M.Policy(hf)
-    core.share_prefix = a.ours == "suggested"
+    core.share_prefix = core.dedupe_images = a.ours == "suggested"
     params = [p for p in core.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     ids0 = D.encode_prompt(records[0], processor, prompt, placement, cfg.max_prompt_len).input_ids
@@ -353,9 +355,12 @@ def compare(model: str, a, data: str, trl_py: str, log) -> dict:
         med = {k: statistics.median(x[k] for x in rs) for k in ("seconds", "rollout_s", "update_s")}
         summary[side] = {**med, "generated": rs[-1]["generated"], "trained": rs[-1]["trained"],
                          "sequences": rs[-1]["sequences"], "updates": rs[-1]["updates"]}  # fmt: skip
+        if "reward_std" in rs[-1]:
+            summary[side]["reward_std_within_groups"] = statistics.mean(x["reward_std"] for x in rs)
         print(f"{side:>4}: median step {med['seconds']:.2f} s = rollout {med['rollout_s']:.2f} + update "
               f"{med['update_s']:.2f}; per step {rs[-1]['sequences']} sequences, {rs[-1]['generated']} tokens "
               f"generated, {rs[-1]['trained']} trained, {rs[-1]['updates']} update(s)")  # fmt: skip
+    print(f"mean within-group reward std (ours): {summary['ours'].get('reward_std_within_groups', float('nan')):.4f}")
     print(f"{model}: median ratio ours/trl {summary['ratio']:.3f} (pairs: {', '.join(f'{x:.3f}' for x in ratios)})")
     if summary["ours"]["generated"] != summary["trl"]["generated"] or summary["ours"]["trained"] != summary["trl"]["trained"]:
         print("WARNING: the two sides did not generate / train on the same number of tokens")

@@ -52,15 +52,15 @@ def make_image(path, size=(56, 56), color="red"):
 
 @pytest.fixture(scope="session")
 def sft_tiny(tmp_path_factory):
-    """The tiny model after 200 cold-start SFT steps on the synthetic task (half the records with an image):
-    (out_dir, data_dir); the model is out_dir/final (a warm start for RL and eval tests). About a minute on 2
-    idle cores (batch 32: at batch 8 the greedy format rate after 200 steps varied 0.37-1.0 over seeds)."""
+    """The tiny model after 200 cold-start SFT steps (configs/sft_tiny.yaml's settings) on the synthetic task's
+    text-only SFT split (synth's default, the paper's text-only cold start): (out_dir, data_dir); the model is
+    out_dir/final. About a minute on 2 idle cores."""
     import sft
     import synth
 
     data_dir = str(tmp_path_factory.mktemp("sft_synth"))
-    synth.write_synth(data_dir, synth.SynthConfig(seed=0, mm_share=0.5, n_sft=1600, n_sft_test=100, n_mm_train=0,
-                                                  n_text_train=0, n_mm_test=0, n_text_test=0))  # fmt: skip
+    synth.write_synth(data_dir, synth.SynthConfig(seed=0, n_sft=1600, n_sft_test=100, n_mm_train=0, n_text_train=0,
+                                                  n_mm_test=0, n_text_test=0))  # fmt: skip
     out = str(tmp_path_factory.mktemp("sft_tiny"))
     cfg = sft.SFTConfig(model="tiny", data=os.path.join(data_dir, "sft.jsonl"),
                         eval_data=os.path.join(data_dir, "sft_test.jsonl"), out_dir=out, max_steps=200, lr=1e-2,
