@@ -2,8 +2,11 @@
 reward (ReVisual-R1, arXiv 2506.04207, Section 4.1; equation numbers below are the paper's).
 
 One rollout step:
-  1. each rank samples `n` completions for its share of `rollout_batch` prompts with HF `generate`
-     (a complete generation config: the checkpoint's own top_k=1 never leaks in; vision tokens suppressed);
+  1. each rank samples `n` completions for its share of `rollout_batch` prompts with `generate` semantics
+     (a complete generation config: the checkpoint's own top_k=1 never leaks in; vision tokens suppressed):
+     model.py's decode loop by default (the same tokens as HF `generate` under greedy decoding and the same
+     temperature/top-p distribution, tests/test_bench.py; one prefill per group; no sort of the vocabulary),
+     HF `model.generate` itself with `--hf_generate` (prompts expanded n times before the prefill);
   2. reward = w_acc * acc + w_fmt * format + w_len * R_len      (R_len: Eq. 5-6, reward.length_reward);
   3. group advantages A_i = (r_i - mean_g) / (std_g + 1e-6)      (GRPO; unbiased std as the released code);
   4. PAD (Algorithm 1) picks the sequences to train on, the same choice on every rank;
@@ -35,6 +38,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
+from transformers import GenerationConfig
 
 import common as C
 import data as D
@@ -52,7 +56,7 @@ class GRPOConfig:
     out_dir: str = "out/grpo_mm"
     max_steps: int = 60  # rollout steps (paper: 200, released code)
     seed: int = 0
-    save_every: int = 20
+    save_every: int = 20  # rollout steps between checkpoints (0: only at the end)
     eval_every: int = 0  # 0: only at the end
     eval_limit: int = 200
     resume: bool = True
@@ -65,6 +69,7 @@ class GRPOConfig:
     max_prompt_len: int = 1024  # paper: 8192
     max_new_tokens: int = 64  # paper: 8192
     min_new_tokens: int = 0  # 0: none (benchmarks set it to max_new_tokens for equal work)
+    hf_generate: bool = False  # sample with HF `model.generate` itself (same distribution, slower on CPU)
     truncation: str = "keep"  # keep | mask
     # update
     mini_batch: int = 64  # sequences per optimizer update, global (paper: 128 prompts x 8 = 1024 sequences)
@@ -276,6 +281,7 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
     tok = processor.tokenizer
     gc = M.generation_config(tok, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     gc.min_new_tokens = cfg.min_new_tokens or None
+    gc_hf = GenerationConfig.from_dict({**gc.to_dict(), "num_return_sequences": cfg.n})
     eos = set(gc.eos_token_id)
     out: list[Sample] = []
     with torch.random.fork_rng(devices=[]):
@@ -286,8 +292,10 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
             batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
             device = next(model.parameters()).device
             batch = {k: v.to(device) for k, v in batch.items()}
-            # Each prompt is prefilled once and its KV cache repeated n times; rows come back prompt-major.
-            seqs = M.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n)
+            if cfg.hf_generate:  # HF's loop: each prompt (and image) expanded n times before the prefill
+                seqs = model.generate(**batch, generation_config=gc_hf, synced_gpus=False)
+            else:  # each prompt prefilled once, its KV cache repeated n times; rows come back prompt-major
+                seqs = M.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n)
             new = seqs[:, batch["input_ids"].shape[1] :].tolist()
             for rec, gen in zip(ids, new):
                 completion, truncated = M.split_completion(gen, eos)
@@ -453,7 +461,7 @@ def train(cfg: GRPOConfig) -> str:
             wandb.log(row, step=step)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['acc']:.2f}", kept=row["pad_kept"],
                         roll_s=f"{rollout_s:.1f}", train_s=f"{train_s:.1f}")  # fmt: skip
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
             C.save_checkpoint(cfg.out_dir, step, policy, opt, {"sampler": sampler.state()}, d)
     final = os.path.join(cfg.out_dir, "final")
     state_dict = M.full_state_dict(core)

@@ -14,7 +14,7 @@ Skills ("easy" = perception and simple sums; "hard" = two-step reasoning and com
   multimodal easy  read ("What number is shown?"), read_side (left/right digit), count, add_k (number+k),
                    add_pair (sum of the two digits)
   multimodal hard  two_step (number*m+k), pair_two_step (a*b+k), count_add (count+k), compare (larger digit)
-  text easy        t_read_word ("Write seven in digits."), t_add, t_word_add ("seven plus three")
+  text easy        t_read_word ("Write seven in digits."), t_add, t_word_add ("seven plus three"), t_mul ("3 times 6")
   text hard        t_two_step ("4 times 2 plus 5"), t_word_two_step, t_compare ("Which is larger, 7 or 4?")
 SFT splits are easy items (`sft_hard_share`, default 0): text records teach the arithmetic and the trace
 format, multimodal records teach perception and simple sums. The RL and test splits are dominated by hard
@@ -126,6 +126,7 @@ SKILLS: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = {
                                            "Convert {wa} to a number.")),
     "t_add": (None, "easy", ("a", "b"), ("What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}.",
                                          "What is the sum of {a} and {b}?", "What do you get when you add {a} to {b}?")),
+    "t_mul": (None, "easy", ("a", "b"), ("What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}.")),
     "t_word_add": (None, "easy", ("a", "b"), ("What is {wa} plus {wb}?", "Add {wa} and {wb}.",
                                               "What is the sum of {wa} and {wb}?", "Compute {wa} plus {wb}.")),
     "t_two_step": (None, "hard", ("a", "b", "c"), ("What is {a} times {b} plus {c}?",
@@ -196,6 +197,7 @@ _SOLVE = {  # skill -> answer from (params, scene values)
     "add_pair": lambda p, v: v[0] + v[1], "two_step": lambda p, v: v[0] * p[0] + p[1],
     "pair_two_step": lambda p, v: v[0] * v[1] + p[0], "compare": lambda p, v: max(v),
     "t_read_word": lambda p, v: p[0], "t_add": lambda p, v: p[0] + p[1], "t_word_add": lambda p, v: p[0] + p[1],
+    "t_mul": lambda p, v: p[0] * p[1],
     "t_two_step": lambda p, v: p[0] * p[1] + p[2], "t_word_two_step": lambda p, v: p[0] * p[1] + p[2],
     "t_compare": lambda p, v: max(p),
 }
@@ -250,6 +252,8 @@ def solution_text(q: Question, scene: Scene | None) -> str:
         body = f"{sees} {x} is larger than {min(v)}."
     elif s == "t_read_word":
         body = f"The number {number_word(p[0])} is {x}."
+    elif s == "t_mul":
+        body = f"{p[0]} * {p[1]} = {x}."
     elif s in ("t_add", "t_word_add"):
         words = f"{number_word(p[0])} is {p[0]} and {number_word(p[1])} is {p[1]}. " if s == "t_word_add" else ""
         body = f"{words}{p[0]} + {p[1]} = {x}."
@@ -349,6 +353,7 @@ def enumerate_space(skill: str, cfg: SynthConfig) -> list[Item]:
         "compare": [((), Scene("pair", (a, b))) for a, b in pairs if a != b],
         "t_read_word": [((n,), None) for n in nums],
         "t_add": [((a, b), None) for a in nums for b in nums if a + b <= A],
+        "t_mul": [(ab, None) for ab in pairs if ab[0] * ab[1] <= A],
         "t_two_step": [((a, b, c), None) for a in digs for b in range(2, M + 1) for c in digs if a * b + c <= A],
         "t_compare": [((a, b), None) for a in nums for b in nums if a != b],
     }[{"t_word_add": "t_add", "t_word_two_step": "t_two_step"}.get(skill, skill)]

@@ -19,11 +19,10 @@ TRL lives in a virtual environment that this script creates on first use (`.venv
 ignored by git; or $TRL_VENV): `--system-site-packages` reuses the installed torch and transformers, and a
 constraint file pins both, so pip never pulls another torch. TRL is never a dependency of the project.
 
-`--ours project` (default) runs grpo_mm as it is. `--ours suggested` runs the changes proposed for grpo_mm
-(BENCHMARKS.md): rollouts through `M.generate` (our decode loop and an exact top-p sampler that does not sort
-the 151k vocabulary; each prompt prefilled once per group) and the policy's `dedupe_images` / `share_prefix`
-(a group's image through the vision tower once; its prompt through the decoder once, the n completions on a
-shared KV cache). Both use grpo_mm's own rollout bookkeeping, advantages, pad_select and update.
+Our side is grpo_mm's own code: `grpo_mm.rollout` (model.py's `generate`: our decode loop with an exact top-p
+sampler that does not sort the 151k vocabulary, each prompt prefilled once per group), its advantages,
+`pad_select` and update, on a `Policy` set up as `grpo_mm.setup_policy` does (`dedupe_images`, `share_prefix`:
+a group's image through the vision tower once, its prompt through the decoder once).
 
     python bench/grpo_vs_trl.py                    # tiny and tiny-qwen: 4 prompts x 8, 64 tokens, 5 pairs
     python bench/grpo_vs_trl.py --quick            # 2 prompts x 4, 16 tokens, 5 pairs
@@ -79,38 +78,7 @@ def next_command() -> str:
 # Our side: the body of grpo_mm.train's loop for one step
 
 
-def suggested_rollout(model, processor, prompts, rec_ids, cfg, seed):
-    """grpo_mm.rollout with the change proposed to the lead (BENCHMARKS.md): each prompt once in the batch, the
-    group's n samples from one prefill (`num_return_sequences`), and M.generate instead of model.generate."""
-    import torch
-
-    import data as D
-    import grpo_mm as G
-    import model as M
-
-    tok = processor.tokenizer
-    gc = M.generation_config(tok, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    gc.min_new_tokens = getattr(cfg, "min_new_tokens", None) or cfg.max_new_tokens  # the benchmark's equal work
-    eos = set(gc.eos_token_id)
-    out = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for s in range(0, len(prompts), cfg.rollout_micro_batch):
-            chunk = prompts[s : s + cfg.rollout_micro_batch]
-            ids = [r for r in rec_ids[s : s + cfg.rollout_micro_batch] for _ in range(cfg.n)]
-            batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
-            device = next(model.parameters()).device
-            batch = {k: v.to(device) for k, v in batch.items()}
-            seqs = M.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n)
-            new = seqs[:, batch["input_ids"].shape[1] :].tolist()
-            for rec, gen in zip(ids, new):
-                completion, truncated = M.split_completion(gen, eos)
-                out.append(G.Sample(rec, completion, tok.decode(completion, skip_special_tokens=True), truncated))
-    return out
-
-
 def ours_worker(a) -> None:
-    import functools
 
     import torch
 
@@ -125,24 +93,12 @@ def ours_worker(a) -> None:
                        max_new_tokens=a.max_new_tokens, mini_batch=a.prompts * a.n, micro_batch=a.prompts * a.n,
                        ppo_epochs=1, kl_coef=0.0, pad_mode="off", temperature=a.temperature, top_p=a.top_p,
                        lr=a.lr, entropy_warmup=10**9)  # fmt: skip
-    if "min_new_tokens" in G.GRPOConfig.__dataclass_fields__:
-        cfg.min_new_tokens = a.max_new_tokens
-    elif a.ours == "project":  # rollout builds its config with M.generation_config: add min_new_tokens there
-        base = M.generation_config
-
-        @functools.wraps(base)
-        def with_min_new(*args, **kwargs):
-            gc = base(*args, **kwargs)
-            gc.min_new_tokens = a.max_new_tokens
-            return gc
-
-        M.generation_config = with_min_new
-    rollout = G.rollout if a.ours == "project" else suggested_rollout
+    cfg.min_new_tokens = a.max_new_tokens  # equal work: every completion exactly max_new_tokens long
     d = C.init_distributed("cpu")
     C.seed_everything(cfg.seed)
     hf, processor = M.load_model(a.model, seed=0)
     core = M.Policy(hf)
-    core.share_prefix = core.dedupe_images = a.ours == "suggested"
+    core.share_prefix = core.dedupe_images = True  # as grpo_mm.setup_policy
     params = [p for p in core.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     ids0 = D.encode_prompt(records[0], processor, prompt, placement, cfg.max_prompt_len).input_ids
@@ -154,7 +110,7 @@ def ours_worker(a) -> None:
         recs = list(range(len(records)))
         encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in recs}
         with M.gathered_for_generation(core) as gen_model:
-            samples = rollout(gen_model, processor, [encoded[r] for r in recs], recs, cfg,
+            samples = G.rollout(gen_model, processor, [encoded[r] for r in recs], recs, cfg,
                               seed=G.rollout_seed(cfg.seed, step, d.rank))  # fmt: skip
         t1 = time.perf_counter()
         for s in samples:
@@ -290,7 +246,7 @@ def trl_python() -> str:
 class Worker:
     def __init__(self, python: str, side: str, a, model: str, data: str, log):
         cmd = [python, os.path.abspath(__file__), "--worker", side, "--model", model, "--data", data]
-        for k in ("prompts", "n", "max_new_tokens", "threads", "temperature", "top_p", "lr", "ours"):
+        for k in ("prompts", "n", "max_new_tokens", "threads", "temperature", "top_p", "lr"):
             cmd += [f"--{k}", str(getattr(a, k))]
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")  # fmt: skip
@@ -324,7 +280,7 @@ class Worker:
 
 def compare(model: str, a, data: str, trl_py: str, log) -> dict:
     print(f"\n== {model}: {a.prompts} prompts x {a.n} samples, {a.max_new_tokens} new tokens each, "
-          f"{a.threads} thread(s), temperature {a.temperature}, top_p {a.top_p}, ours={a.ours}",
+          f"{a.threads} thread(s), temperature {a.temperature}, top_p {a.top_p}",
           flush=True)  # fmt: skip
     ours = Worker(sys.executable, "ours", a, model, data, log)
     trl = Worker(trl_py, "trl", a, model, data, log)
@@ -379,7 +335,6 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top_p", type=float, default=0.95)
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--ours", choices=["project", "suggested"], default="project")
     ap.add_argument("--data", default="", help="mm JSONL with one image per record (default: the synthetic task)")
     ap.add_argument("--json", default="", help="also write the summary here")
     ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)

@@ -227,11 +227,14 @@ def _records(tmp_path):
             D.Record(id="t", problem="What is 2 plus 3?", answer="5", source="t:2")]  # fmt: skip
 
 
-def test_rollouts_of_a_group_differ_despite_trap_config(tiny, tmp_path):
+@pytest.mark.parametrize("hf_generate", [False, True])
+def test_rollouts_of_a_group_differ_despite_trap_config(tiny, tmp_path, hf_generate):
+    """Both rollout engines (model.py's decode loop, HF `generate` with num_return_sequences) get the complete
+    config: a group's samples differ and no vision special token is sampled."""
     m, p = tiny
     recs = _records(tmp_path)
     prompts = [D.encode_prompt(r, p) for r in recs]
-    cfg = G.GRPOConfig(n=4, max_new_tokens=8, rollout_micro_batch=2)
+    cfg = G.GRPOConfig(n=4, max_new_tokens=8, rollout_micro_batch=2, hf_generate=hf_generate)
     samples = G.rollout(m, p, prompts, [0, 1], cfg, seed=0)
     assert len(samples) == 8
     for g in range(2):

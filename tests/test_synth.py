@@ -203,3 +203,17 @@ def test_tokenizer_corpus_is_deterministic_and_covers_the_task():
     text = "\n".join(corpus)
     assert "\nA. " in text and "\\boxed{" in text and "<think>" in text and "image" in text and "plus" in text
     assert all(isinstance(t, str) and t for t in corpus)
+
+
+def test_multiplication_skill():
+    """t_mul, the easy single product that the two-step items build on: problem, answer and trace by hand,
+    and every product in its space stays within max_answer."""
+    q = synth.Question("t_mul", 2, (3, 6))
+    assert synth.problem_text(q) == "Compute 3 * 6."
+    assert synth.solve(q, None) == 18
+    assert synth.solution_text(q, None) == "<think>3 * 6 = 18.</think> The answer is \\boxed{18}."
+    assert synth.problem_text(synth.Question("t_mul", 0, (4, 5))) == "What is 4 times 5?"
+    cfg = synth.SynthConfig()
+    space = synth.enumerate_space("t_mul", cfg)
+    assert {it.question.params for it in space} == {(a, b) for a in range(10) for b in range(10) if a * b <= 20}
+    assert all(it.value <= cfg.max_answer for it in space)
