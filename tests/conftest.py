@@ -52,7 +52,7 @@ def make_image(path, size=(56, 56), color="red"):
 
 @pytest.fixture(scope="session")
 def sft_tiny(tmp_path_factory):
-    """The tiny model after 200 cold-start SFT steps (configs/sft_tiny.yaml's settings) on the synthetic task's
+    """The tiny model after 300 cold-start SFT steps (configs/sft_tiny.yaml's settings) on the synthetic task's
     text-only SFT split (synth's default, the paper's text-only cold start): (out_dir, data_dir); the model is
     out_dir/final. About a minute on 2 idle cores."""
     import sft
@@ -63,7 +63,7 @@ def sft_tiny(tmp_path_factory):
                                                   n_mm_test=0, n_text_test=0))  # fmt: skip
     out = str(tmp_path_factory.mktemp("sft_tiny"))
     cfg = sft.SFTConfig(model="tiny", data=os.path.join(data_dir, "sft.jsonl"),
-                        eval_data=os.path.join(data_dir, "sft_test.jsonl"), out_dir=out, max_steps=200, lr=1e-2,
+                        eval_data=os.path.join(data_dir, "sft_test.jsonl"), out_dir=out, max_steps=300, lr=1e-2,
                         global_batch=32, micro_batch=16, save_every=0, eval_every=0, log_every=0)  # fmt: skip
     sft.train(cfg)
     return out, data_dir
