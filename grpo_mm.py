@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
 
 import common as C
 import data as D
@@ -277,11 +276,10 @@ class PromptSampler:
 def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int], cfg: GRPOConfig, seed: int,
             ) -> list[Sample]:  # fmt: skip
     """n completions per prompt with model.py's `generate` (the distribution of HF `generate`, one prefill per
-    group); the prompt is encoded once."""
+    group; HF `generate` itself with `cfg.hf_generate`); the prompt is encoded once."""
     tok = processor.tokenizer
     gc = M.generation_config(tok, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     gc.min_new_tokens = cfg.min_new_tokens or None
-    gc_hf = GenerationConfig.from_dict({**gc.to_dict(), "num_return_sequences": cfg.n})
     eos = set(gc.eos_token_id)
     out: list[Sample] = []
     with torch.random.fork_rng(devices=[]):
@@ -292,10 +290,9 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
             batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
             device = next(model.parameters()).device
             batch = {k: v.to(device) for k, v in batch.items()}
-            if cfg.hf_generate:  # HF's loop: each prompt (and image) expanded n times before the prefill
-                seqs = model.generate(**batch, generation_config=gc_hf, synced_gpus=False)
-            else:  # each prompt prefilled once, its KV cache repeated n times; rows come back prompt-major
-                seqs = M.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n)
+            # Each prompt prefilled once and its KV cache repeated n times (HF's loop with --hf_generate: each
+            # prompt expanded n times before the prefill); rows come back prompt-major.
+            seqs = M.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n, use_hf=cfg.hf_generate)
             new = seqs[:, batch["input_ids"].shape[1] :].tolist()
             for rec, gen in zip(ids, new):
                 completion, truncated = M.split_completion(gen, eos)

@@ -778,7 +778,7 @@ def _output_cache(out):
 def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              generation_config: GenerationConfig, pixel_values: torch.Tensor | None = None,
              image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
-             num_return_sequences: int = 1, synced_gpus: bool = False) -> torch.Tensor:  # fmt: skip
+             num_return_sequences: int = 1, synced_gpus: bool = False, use_hf: bool = False) -> torch.Tensor:  # fmt: skip
     """`model.generate(input_ids, attention_mask, ..., generation_config=gc)` for rollouts, in our own decode loop:
     the same output (prompt + new tokens, rows padded with pad_token_id after their end-of-turn; as many columns
     as the longest row needed) and the same sampling distribution (`sample_tokens`; greedy when
@@ -788,10 +788,11 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
     `num_return_sequences=n` (left-padded prompts, each once): the prompts are prefilled once (the vision tower
     and the prompt's forward run once per prompt, not once per sample) and the KV cache is repeated n times;
     output rows are prompt-major (prompt 0's n samples first), as `[p for p in prompts for _ in range(n)]`.
-    Anything else in `gc` (beam search, top-k, repetition penalty, ...) or `synced_gpus=True` goes to HF
-    `generate` unchanged."""
+    Anything else in `gc` (beam search, top-k, repetition penalty, ...), `synced_gpus=True` or `use_hf=True`
+    goes to HF `generate` unchanged (with n > 1: `num_return_sequences`, each prompt expanded before the
+    prefill)."""
     gc, n = generation_config, num_return_sequences
-    if synced_gpus or not fast_generate_supported(gc):
+    if use_hf or synced_gpus or not fast_generate_supported(gc):
         extra = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
                                    ("mm_token_type_ids", mm_token_type_ids)) if v is not None}  # fmt: skip
         if n > 1:
