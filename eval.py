@@ -56,6 +56,7 @@ from PIL import Image
 import data as D
 import model as M
 import reward
+import sampling as S
 from common import ConfigError, Dist, all_gather_objects, broadcast_object, init_distributed, main_guard
 
 
@@ -489,12 +490,12 @@ def _generate_batch(hf, processor, jobs: list[tuple[D.Record, int]], gen_cfg, ba
     devices = [param.device] if param.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG stream is left alone
         torch.manual_seed(batch_seed)
-        out = M.generate(hf, **batch, generation_config=gen_cfg)  # HF generate's output, our decode loop
+        out = S.generate(hf, **batch, generation_config=gen_cfg)  # HF generate's output, our decode loop
     new = out[:, batch["input_ids"].shape[1] :].tolist()
     eos = set(gen_cfg.eos_token_id)
     rows = []
     for (rec, sample), ids in zip(jobs, new):
-        ids, truncated = M.split_completion(ids, eos)
+        ids, truncated = S.split_completion(ids, eos)
         response = tok.decode(ids if truncated else ids[:-1], skip_special_tokens=False)
         extracted, correct = grade_row(bench, response, rec.answer, rec.choices, rec.meta)
         row = {"bench": bench, "id": rec.id, "sample": sample, "response": response, "answer": rec.answer}
@@ -525,7 +526,7 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
     jobs = [(r, s) for r in records for s in range(samples) if (r.id, s) not in skip]
     lengths = {id(r): prompt_length(r, processor, prompt, placement) for r in records}
     batches = plan_batches([lengths[id(r)] for r, _ in jobs], batch_size)
-    gen_cfg = M.generation_config(processor.tokenizer, temperature, top_p, max_new_tokens)
+    gen_cfg = S.generation_config(processor.tokenizer, temperature, top_p, max_new_tokens)
     rows: list[dict] = []
     bar = None
     if progress and d.main and jobs:

@@ -4,7 +4,7 @@ reward (ReVisual-R1, arXiv 2506.04207, Section 4.1; equation numbers below are t
 One rollout step:
   1. each rank samples `n` completions for its share of `rollout_batch` prompts with `generate` semantics
      (a complete generation config: the checkpoint's own top_k=1 never leaks in; vision tokens suppressed):
-     model.py's decode loop by default (the same tokens as HF `generate` under greedy decoding and the same
+     sampling.py's decode loop by default (the same tokens as HF `generate` under greedy decoding and the same
      temperature/top-p distribution, tests/test_bench.py; one prefill per group; no sort of the vocabulary),
      HF `model.generate` itself with `--hf_generate` (prompts expanded n times before the prefill);
   2. reward = w_acc * acc + w_fmt * format + w_len * R_len      (R_len: Eq. 5-6, reward.length_reward);
@@ -43,6 +43,7 @@ import common as C
 import data as D
 import model as M
 import reward as R
+import sampling as S
 
 
 @dataclass
@@ -275,10 +276,10 @@ class PromptSampler:
 
 def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int], cfg: GRPOConfig, seed: int,
             ) -> list[Sample]:  # fmt: skip
-    """n completions per prompt with model.py's `generate` (the distribution of HF `generate`, one prefill per
+    """n completions per prompt with sampling.py's `generate` (the distribution of HF `generate`, one prefill per
     group; HF `generate` itself with `cfg.hf_generate`); the prompt is encoded once."""
     tok = processor.tokenizer
-    gc = M.generation_config(tok, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    gc = S.generation_config(tok, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     gc.min_new_tokens = cfg.min_new_tokens or None
     eos = set(gc.eos_token_id)
     out: list[Sample] = []
@@ -292,10 +293,10 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
             batch = {k: v.to(device) for k, v in batch.items()}
             # Each prompt prefilled once and its KV cache repeated n times (HF's loop with --hf_generate: each
             # prompt expanded n times before the prefill); rows come back prompt-major.
-            seqs = M.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n, use_hf=cfg.hf_generate)
+            seqs = S.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n, use_hf=cfg.hf_generate)
             new = seqs[:, batch["input_ids"].shape[1] :].tolist()
             for rec, gen in zip(ids, new):
-                completion, truncated = M.split_completion(gen, eos)
+                completion, truncated = S.split_completion(gen, eos)
                 out.append(Sample(rec, completion, tok.decode(completion, skip_special_tokens=True), truncated))
     return out
 

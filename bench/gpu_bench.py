@@ -8,7 +8,7 @@ tokenizer is needed; prompts are random token ids.
 
   env      torch / transformers / CUDA / GPU, nominal peaks; fails (exit 3) when something is missing
   bw       device-to-device copy bandwidth (the decode roofline's denominator)
-  decode   rollout decode at batch 64 (3B and 7B, bf16, dynamic KV cache): HF `generate` and our `M.generate`
+  decode   rollout decode at batch 64 (3B and 7B, bf16, dynamic KV cache): HF `generate` and our `sampling.generate`
            (exact top-p sampler, no vocabulary sort), both with every completion forced to its full length;
            decode-only step time = (t(1 + N new tokens) - t(1 new token)) / N; beside it the roofline step time
            (weight bytes + KV-cache bytes read per step) / bandwidth
@@ -219,10 +219,10 @@ def measured_bandwidth(out_dir: str) -> float:
 
 
 def run_generate(path: str, model, ids, mask, gc):
-    import model as M
+    import sampling as S
 
     if path == "ours_generate":
-        return M.generate(model, ids, mask, gc)
+        return S.generate(model, ids, mask, gc)
     return model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
 
 

@@ -19,7 +19,7 @@ TRL lives in a virtual environment that this script creates on first use (`.venv
 ignored by git; or $TRL_VENV): `--system-site-packages` reuses the installed torch and transformers, and a
 constraint file pins both, so pip never pulls another torch. TRL is never a dependency of the project.
 
-Our side is grpo_mm's own code: `grpo_mm.rollout` (model.py's `generate`: our decode loop with an exact top-p
+Our side is grpo_mm's own code: `grpo_mm.rollout` (sampling.py's `generate`: our decode loop with an exact top-p
 sampler that does not sort the 151k vocabulary, each prompt prefilled once per group), its advantages,
 `pad_select` and update, on a `Policy` set up as `grpo_mm.setup_policy` does (`dedupe_images`, `share_prefix`:
 a group's image through the vision tower once, its prompt through the decoder once).

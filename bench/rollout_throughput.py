@@ -5,8 +5,8 @@ PAD skip, measured from a run.
    suppressed; every completion forced to its full length so all sides generate the same tokens), on the
    synthetic task's prompts with images, `--prompts` prompts x `--n` samples:
      hf         model.generate on the n-times repeated prompts (what grpo_mm.rollout does today)
-     ours       M.generate on the same repeated prompts (our decode loop and exact top-p sampler)
-     ours_group M.generate with each prompt once and num_return_sequences=n (one prefill per group)
+     ours       sampling.generate on the same repeated prompts (our decode loop and exact top-p sampler)
+     ours_group sampling.generate with each prompt once and num_return_sequences=n (one prefill per group)
    Alternating, median of --repeats (>= 5); ratios are of medians of per-round ratios.
 2. Skips: grpo_mm.train runs a few steps from a briefly SFT-trained tiny model (so that rewards vary) with
    pad_mode "filter" and "paper", and its rollouts.jsonl gives, per step, the share of sequences left out of
@@ -36,19 +36,20 @@ def throughput(kind: str, data: str, a) -> dict:
 
     import data as D
     import model as M
+    import sampling as S
 
     hf, processor = M.load_model(kind, seed=0)
     hf.eval()
     tok = processor.tokenizer
     enc = [D.encode_prompt(r, processor) for r in D.load_records(data)[: a.prompts]]
-    gc = M.generation_config(tok, 1.0, 0.95, a.max_new_tokens)
+    gc = S.generation_config(tok, 1.0, 0.95, a.max_new_tokens)
     gc.min_new_tokens = a.max_new_tokens
     repeated = D.collate_prompts([e for e in enc for _ in range(a.n)], tok.pad_token_id, hf.config.image_token_id)
     once = D.collate_prompts(enc, tok.pad_token_id, hf.config.image_token_id)
     sides = {
         "hf": lambda: hf.generate(**repeated, generation_config=gc, synced_gpus=False),
-        "ours": lambda: M.generate(hf, **repeated, generation_config=gc),
-        "ours_group": lambda: M.generate(hf, **once, generation_config=gc, num_return_sequences=a.n),
+        "ours": lambda: S.generate(hf, **repeated, generation_config=gc),
+        "ours_group": lambda: S.generate(hf, **once, generation_config=gc, num_return_sequences=a.n),
     }
     tokens = a.prompts * a.n * a.max_new_tokens
     times: dict[str, list[float]] = {k: [] for k in sides}

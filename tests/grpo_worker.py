@@ -31,6 +31,7 @@ import common as C  # noqa: E402
 import data as D  # noqa: E402
 import grpo_mm as G  # noqa: E402
 import model as M  # noqa: E402
+import sampling as S  # noqa: E402
 
 N = 4  # completions per prompt
 MM_LEN, TEXT_LENS = 40, (6, 7, 8, 9)  # completion lengths (with the closing <|im_end|>) of the groups' samples
@@ -210,7 +211,7 @@ def run_generate(args, d: C.Dist) -> None:
         # control: the same model and generation config with synced_gpus=True (what transformers turns on by
         # itself when the tower stays sharded) all-reduces once per token, and the counter must see it
         cc.phase = "generate_synced_control"
-        gc = M.generation_config(processor.tokenizer, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+        gc = S.generation_config(processor.tokenizer, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
         gc.max_new_tokens = 3
         batch = D.collate_prompts(encoded, processor.tokenizer.pad_token_id, core.model.config.image_token_id)
         with torch.no_grad():

@@ -12,6 +12,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 import data as D
 import model as M
+import sampling as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +35,7 @@ def test_sampler_matches_hf_distribution(vocab, temperature, top_p):
     ref = hf_distribution(logits, temperature, top_p)
     n = 200_000
     torch.manual_seed(0)
-    draws = M.sample_tokens(logits[None].expand(n, vocab).contiguous(), temperature, top_p)
+    draws = S.sample_tokens(logits[None].expand(n, vocab).contiguous(), temperature, top_p)
     freq = torch.bincount(draws, minlength=vocab).double() / n
     assert freq[ref == 0].sum() == 0, "drew a token outside HF's nucleus (or a -inf one)"
     sigma = (ref.double() * (1 - ref.double()) / n).sqrt()
@@ -49,7 +50,7 @@ def test_sampler_full_vocabulary_nucleus():
     ref = hf_distribution(logits, 0.8, 0.9)
     torch.manual_seed(1)
     n = 4000
-    draws = torch.cat([M.sample_tokens(logits[None].expand(500, v).contiguous(), 0.8, 0.9) for _ in range(n // 500)])
+    draws = torch.cat([S.sample_tokens(logits[None].expand(500, v).contiguous(), 0.8, 0.9) for _ in range(n // 500)])
     assert bool((ref[draws] > 0).all())
     top = ref.topk(20).indices
     p_top = float(ref[top].sum())
@@ -68,36 +69,36 @@ def test_generate_greedy_matches_hf(tiny, synth_dir):
     model, processor = tiny
     tok = processor.tokenizer
     enc = _prompts(synth_dir, processor)
-    gc = M.generation_config(tok, 0.0, 1.0, 12)
+    gc = S.generation_config(tok, 0.0, 1.0, 12)
     for n in (1, 3):
         repeated = D.collate_prompts([e for e in enc for _ in range(n)], tok.pad_token_id, model.config.image_token_id)
         once = D.collate_prompts(enc, tok.pad_token_id, model.config.image_token_id)
         ref = model.generate(**repeated, generation_config=gc, synced_gpus=False)
-        assert torch.equal(M.generate(model, **repeated, generation_config=gc), ref)
-        assert torch.equal(M.generate(model, **once, generation_config=gc, num_return_sequences=n), ref)
+        assert torch.equal(S.generate(model, **repeated, generation_config=gc), ref)
+        assert torch.equal(S.generate(model, **once, generation_config=gc, num_return_sequences=n), ref)
     text_only = D.collate_prompts([enc[-1], enc[-1]], tok.pad_token_id, model.config.image_token_id)
-    assert torch.equal(M.generate(model, **text_only, generation_config=gc), model.generate(**text_only, generation_config=gc))
+    assert torch.equal(S.generate(model, **text_only, generation_config=gc), model.generate(**text_only, generation_config=gc))
 
 
 def test_generate_sampling_lengths_and_fallback(tiny, synth_dir):
     model, processor = tiny
     tok = processor.tokenizer
     batch = D.collate_prompts(_prompts(synth_dir, processor), tok.pad_token_id, model.config.image_token_id)
-    gc = M.generation_config(tok, 1.0, 0.95, 10)
+    gc = S.generation_config(tok, 1.0, 0.95, 10)
     gc.min_new_tokens = 10
     torch.manual_seed(0)
-    out = M.generate(model, **batch, generation_config=gc, num_return_sequences=4)
+    out = S.generate(model, **batch, generation_config=gc, num_return_sequences=4)
     new = out[:, batch["input_ids"].shape[1] :]
     assert new.shape == (16, 10)
     eos = set(gc.eos_token_id)
     assert not any(t in eos for t in new.flatten().tolist()), "min_new_tokens must hold off the end of turn"
-    assert not bool(torch.isin(new, torch.tensor(M.vision_special_ids(tok))).any())
+    assert not bool(torch.isin(new, torch.tensor(S.vision_special_ids(tok))).any())
     assert len({tuple(r) for r in new[:4].tolist()}) > 1, "a group's samples must differ"
-    top_k = M.generation_config(tok, 1.0, 1.0, 5)
+    top_k = S.generation_config(tok, 1.0, 1.0, 5)
     top_k.top_k = 5
-    assert not M.fast_generate_supported(top_k)
+    assert not S.fast_generate_supported(top_k)
     torch.manual_seed(0)
-    assert M.generate(model, **batch, generation_config=top_k).shape[0] == 4  # handed to HF generate
+    assert S.generate(model, **batch, generation_config=top_k).shape[0] == 4  # handed to HF generate
 
 
 def _grads(policy, batch):

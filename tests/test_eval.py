@@ -15,6 +15,7 @@ from PIL import Image
 import data as D
 import eval as E
 import model as M
+import sampling as S
 from common import config_help, parse_config
 from conftest import ROOT, make_image
 
@@ -356,7 +357,7 @@ def test_every_generate_call_gets_a_complete_config(tiny, monkeypatch):
                              top_p=0.95)  # fmt: skip
     assert len({r["response"] for r in res["responses"]}) > 1  # the trap's top_k=1 would make them identical
     E.evaluate_records(m, p, [rec], max_new_tokens=MAX_NEW, batch_size=4)
-    vision = set(M.vision_special_ids(p.tokenizer))
+    vision = set(S.vision_special_ids(p.tokenizer))
     eos = {p.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
     for (kw, new), sampled in zip(seen, (True, False)):
         gc = kw["generation_config"]
@@ -369,9 +370,9 @@ def test_every_generate_call_gets_a_complete_config(tiny, monkeypatch):
 
 def test_split_completion_marks_truncation():
     eos = {9, 10}
-    assert M.split_completion([1, 2, 9, 10, 10], eos) == ([1, 2, 9], False)
-    assert M.split_completion([1, 2, 3], eos) == ([1, 2, 3], True)
-    assert M.split_completion([10], eos) == ([10], False)
+    assert S.split_completion([1, 2, 9, 10, 10], eos) == ([1, 2, 9], False)
+    assert S.split_completion([1, 2, 3], eos) == ([1, 2, 3], True)
+    assert S.split_completion([10], eos) == ([10], False)
 
 
 def test_batches_sorted_by_length_and_same_for_any_world_size():

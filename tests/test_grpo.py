@@ -9,6 +9,7 @@ import torch
 import data as D
 import grpo_mm as G
 import model as M
+import sampling as S
 
 # ---------------------------------------------------------------------------------------------------------
 # advantages
@@ -229,7 +230,7 @@ def _records(tmp_path):
 
 @pytest.mark.parametrize("hf_generate", [False, True])
 def test_rollouts_of_a_group_differ_despite_trap_config(tiny, tmp_path, hf_generate):
-    """Both rollout engines (model.py's decode loop, HF `generate` with num_return_sequences) get the complete
+    """Both rollout engines (sampling.py's decode loop, HF `generate` with num_return_sequences) get the complete
     config: a group's samples differ and no vision special token is sampled."""
     m, p = tiny
     recs = _records(tmp_path)
@@ -244,7 +245,7 @@ def test_rollouts_of_a_group_differ_despite_trap_config(tiny, tmp_path, hf_gener
     b = D.collate_prompts([prompts[1]] * 4, p.tokenizer.pad_token_id, m.config.image_token_id)
     plain = m.generate(**b, max_new_tokens=8)
     assert len({tuple(r) for r in plain.tolist()}) == 1
-    bad = set(M.vision_special_ids(p.tokenizer))
+    bad = set(S.vision_special_ids(p.tokenizer))
     assert not any(t in bad for s in samples for t in s.completion)
 
 
