@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmarks as B
 import data as D
 import eval as E
 import model as M
@@ -95,8 +96,8 @@ def test_aime_samples_differ_and_greedy_benchmarks_take_one(e2e):
 
 
 def test_mathvista_parquet_and_json_agree_gold_is_option_text(tmp_path):
-    a = E.load_benchmark("mathvista", F.write_mathvista(str(tmp_path)), str(tmp_path / "c1"))
-    b = E.load_benchmark("mathvista", F.write_mathvista_json(str(tmp_path)), str(tmp_path / "c2"))
+    a = B.load_benchmark("mathvista", F.write_mathvista(str(tmp_path)), str(tmp_path / "c1"))
+    b = B.load_benchmark("mathvista", F.write_mathvista_json(str(tmp_path)), str(tmp_path / "c2"))
     for recs in (a, b):
         mc = recs[0]
         assert mc.choices == ["4.5", "3", "7"] and mc.answer == "4.5"
@@ -108,37 +109,37 @@ def test_mathvista_parquet_and_json_agree_gold_is_option_text(tmp_path):
 
 
 def test_wemath_one_string_options_and_group_ids(tmp_path):
-    recs = E.load_benchmark("wemath", F.write_wemath(str(tmp_path)), str(tmp_path / "c"))
+    recs = B.load_benchmark("wemath", F.write_wemath(str(tmp_path)), str(tmp_path / "c"))
     assert [r.id for r in recs] == ["1_2steps_1", "1_2steps_2", "1_2steps_multi", "2_1step"]
     assert recs[0].choices == ["3", "4", "5", "6"] and recs[3].choices == ["30°", "60°"]
     assert recs[2].meta == {"group": "1", "key": "2steps_multi", "knowledge concept": "Area"}
-    assert E._wemath_options("A. x; y;B. (B) z", "w") == ["x; y", "(B) z"]
+    assert B._wemath_options("A. x; y;B. (B) z", "w") == ["x; y", "(B) z"]
     with pytest.raises(D.DataError, match="column 'option'"):
-        E._wemath_options("A) 1 / B) 2", "wemath: f row 3")
+        B._wemath_options("A) 1 / B) 2", "wemath: f row 3")
 
 
 def test_dynamath_folder_of_variants(tmp_path):
-    recs = E.load_benchmark("dynamath", F.write_dynamath(str(tmp_path)), str(tmp_path / "c"))
+    recs = B.load_benchmark("dynamath", F.write_dynamath(str(tmp_path)), str(tmp_path / "c"))
     assert len(recs) == 20 and recs[0].id == "1_v1" and recs[-1].id == "2_v10"
     assert recs[-1].meta["variant"] == 10 and recs[-1].meta["qid"] == "2" and recs[0].answer == "0.5"
     with pytest.raises(D.DataError, match="variant"):
-        E.load_benchmark("dynamath", os.path.join(tmp_path, "dynamath", "sample_variant1.parquet"), str(tmp_path))
+        B.load_benchmark("dynamath", os.path.join(tmp_path, "dynamath", "sample_variant1.parquet"), str(tmp_path))
 
 
 def test_mathverse_prefers_query_cot_else_question(tmp_path):
     path = F.write_mathverse(str(tmp_path))
-    recs = E.load_benchmark("mathverse", path, str(tmp_path / "c"))
+    recs = B.load_benchmark("mathverse", path, str(tmp_path / "c"))
     assert recs[0].problem.startswith("Please reason step by step") and recs[3].images == []
     pq.write_table(pq.read_table(path).drop(["query_cot"]), path)
-    recs = E.load_benchmark("mathverse", path, str(tmp_path / "c"))
+    recs = B.load_benchmark("mathverse", path, str(tmp_path / "c"))
     assert recs[0].problem == "Find x (Text Dominant)."
 
 
 def test_gpqa_shuffle_is_fixed_and_gold_is_the_letter(tmp_path):
     path = F.write_gpqa(str(tmp_path))
-    a = E.load_benchmark("gpqa", path, str(tmp_path), seed=0)
-    b = E.load_benchmark("gpqa", path, str(tmp_path), seed=0)
-    c = E.load_benchmark("gpqa", path, str(tmp_path), seed=1)
+    a = B.load_benchmark("gpqa", path, str(tmp_path), seed=0)
+    b = B.load_benchmark("gpqa", path, str(tmp_path), seed=0)
+    c = B.load_benchmark("gpqa", path, str(tmp_path), seed=1)
     assert [r.choices for r in a] == [r.choices for r in b] and [r.choices for r in a] != [r.choices for r in c]
     for rec, row in zip(a, F.GPQA_ROWS):
         assert rec.choices[ord(rec.answer) - 65] == row["Correct Answer"]
@@ -147,16 +148,16 @@ def test_gpqa_shuffle_is_fixed_and_gold_is_the_letter(tmp_path):
 
 
 def test_aime_math500_logicvista_columns(tmp_path):
-    a25 = E.load_benchmark("aime25", F.write_aime25(str(tmp_path)), str(tmp_path))
+    a25 = B.load_benchmark("aime25", F.write_aime25(str(tmp_path)), str(tmp_path))
     assert [(r.id, r.problem, r.answer) for r in a25] == [("0", "Compute 100 + 4.", "104"), ("1", "Compute 5 + 4.", "9")]
-    m5 = E.load_benchmark("math500", F.write_math500(str(tmp_path)), str(tmp_path), limit=2)
+    m5 = B.load_benchmark("math500", F.write_math500(str(tmp_path)), str(tmp_path), limit=2)
     assert [r.id for r in m5] == ["test/algebra/0.json", "test/algebra/1.json"] and m5[0].answer == "\\frac{1}{2}"
     lv = F.write_jsonl(str(tmp_path / "lv" / "t.jsonl"), [{"id": 1, "question": "q", "answer": "a, c"}])
-    assert E.load_benchmark("logicvista", lv, str(tmp_path))[0].answer == "A, C"
+    assert B.load_benchmark("logicvista", lv, str(tmp_path))[0].answer == "A, C"
 
 
 def test_project_jsonl_for_any_other_label(tmp_path):
-    recs = E.load_benchmark("my_split", F.write_project(str(tmp_path)), str(tmp_path / "c"))
+    recs = B.load_benchmark("my_split", F.write_project(str(tmp_path)), str(tmp_path / "c"))
     assert [r.id for r in recs] == ["a", "b"] and recs[1].choices == ["3", "4"] and len(recs[0].images) == 1
 
 
@@ -167,7 +168,7 @@ def test_project_jsonl_for_any_other_label(tmp_path):
 def test_unknown_benchmark_name_for_non_jsonl(tmp_path):
     path = F.write_mathvista(str(tmp_path))
     with pytest.raises(D.DataError, match="mathvistaa: unknown benchmark name"):
-        E.load_benchmark("mathvistaa", path, str(tmp_path))
+        B.load_benchmark("mathvistaa", path, str(tmp_path))
 
 
 def test_missing_column_names_bench_row_and_column(tmp_path):
@@ -176,10 +177,10 @@ def test_missing_column_names_bench_row_and_column(tmp_path):
         del r["question"]
     path = F.write_parquet(str(tmp_path / "mv.parquet"), rows, {"decoded_image": F.IMAGE_STRUCT})
     with pytest.raises(D.DataError, match=r"mathvista: .*mv.parquet row 0: column 'question' is missing"):
-        E.load_benchmark("mathvista", path, str(tmp_path))
+        B.load_benchmark("mathvista", path, str(tmp_path))
     aime = F.write_jsonl(str(tmp_path / "a.jsonl"), [{"prompt": "x", "answer": "1"}])
     with pytest.raises(D.DataError, match="column 'problem' or 'question' is missing"):
-        E.load_benchmark("aime25", aime, str(tmp_path))
+        B.load_benchmark("aime25", aime, str(tmp_path))
 
 
 def test_undecodable_image_bytes_name_row_and_column(tmp_path):
@@ -187,7 +188,7 @@ def test_undecodable_image_bytes_name_row_and_column(tmp_path):
     rows[1]["decoded_image"] = {"bytes": b"\x89PNG not really", "path": "2.png"}
     path = F.write_parquet(str(tmp_path / "mv.parquet"), rows, {"decoded_image": F.IMAGE_STRUCT})
     with pytest.raises(D.DataError, match=r"mathvista: .* row 1: column 'decoded_image': cannot decode image"):
-        E.load_benchmark("mathvista", path, str(tmp_path / "c"))
+        B.load_benchmark("mathvista", path, str(tmp_path / "c"))
 
 
 def test_cli_bad_input_exits_with_one_line_and_help_lists_fields(tmp_path):
@@ -398,7 +399,7 @@ def test_blank_images_keep_sizes(tiny, tmp_path):
     a = make_image(str(tmp_path / "a.png"), (56, 84), "red")
     b = make_image(str(tmp_path / "b.png"), (84, 56), "blue")
     recs = [D.Record(id="1", problem="How many?", answer="1", images=[a, b], source="t:1")]
-    blank = E.blank_record_images(recs, str(tmp_path / "blank"))
+    blank = B.blank_record_images(recs, str(tmp_path / "blank"))
     assert recs[0].images == [a, b]
     for path, size in zip(blank[0].images, [(56, 84), (84, 56)]):
         im = Image.open(path)
