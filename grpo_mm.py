@@ -22,7 +22,8 @@ Where this departs from the paper (PAPER.md lists the sources):
   - Clipping: the paper gives no epsilon; the released code's clip-higher (0.2 / 0.25), dual-clip c = 3 and
     log-ratio clamp [ln 1e-3, ln 1e3] are the defaults.
   - KL: omitted in this stage (paper), so no reference model is loaded (kl_coef = 0).
-  - Entropy bonus with warm-up and exponential decay (Table 5), in both RL stages (project choice).
+  - Entropy bonus with warm-up and exponential decay (Table 5), in both RL stages (project choice; the tiny
+    pipeline, run.sh, turns it off here: on the synthetic task it cost text accuracy, BENCHMARKS.md).
   - Truncated completions are graded as they are and kept in the loss (`truncation="keep"`); "mask" leaves
     them out of the update (they still count in their group's advantage).
 Launch: `python grpo_mm.py --key=value ...` (one CPU) or `torchrun --nproc_per_node 8 grpo_mm.py --config
