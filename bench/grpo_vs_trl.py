@@ -79,7 +79,6 @@ def next_command() -> str:
 
 
 def ours_worker(a) -> None:
-
     import torch
 
     import common as C
