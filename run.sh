@@ -10,9 +10,11 @@
 # Read this before comparing with the paper. The paper's cold start is text-only and its central effect (text
 # reasoning first, then multimodal RL that grounds it in perception) needs a pretrained VLM. A randomly
 # initialised vision tower does not learn to see from a 0/1 RL reward, so this pipeline's cold start has a
-# multimodal share (mm_share=0.5): perception, single sums/products and some two-step items are taught in SFT,
-# and the RL splits are dominated by the two-step items on the same images. Settings that differ from the paper
-# for this scale (BENCHMARKS.md, "Pipeline", has the measurements behind each):
+# multimodal share (mm_share=0.5): perception and single sums/products are taught in SFT; hard items (two
+# steps, or a comparison) make 30% of its text records but only 10% of its image records (sft_mm_hard_share=0.1);
+# the RL splits are dominated by the hard items on the same images. So the cold start knows "a times b plus c"
+# from text and how to read the images, and grpo_mm has to put the two together. Settings that differ from the
+# paper for this scale (BENCHMARKS.md, "Pipeline", has the measurements behind each):
 #   - learning rates are the tiny model's (the paper's 2e-5 / 1e-6 are for 7B; configs/ has those);
 #   - no multiple choice (mc_share=0): RL on a batch of 32 prompts moved the tiny model's option-letter prior
 #     and cost up to 10 points on the other split;
@@ -47,7 +49,8 @@ evaluate() {  # evaluate STAGE MODEL
 }
 
 echo "== synthetic task (seed $SEED) -> $DATA"
-timed data python data.py synth --out_dir "$DATA" --seed "$SEED" --mm_share 0.5 --sft_hard_share 0.3 --mc_share 0
+timed data python data.py synth --out_dir "$DATA" --seed "$SEED" --mm_share 0.5 --sft_hard_share 0.3 \
+  --sft_mm_hard_share 0.1 --mc_share 0
 
 echo "== untrained model"
 evaluate base tiny

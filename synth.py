@@ -6,7 +6,8 @@ byte-for-byte deterministic for a seed, the six CONTRACT splits: sft.jsonl and s
 with PNGs under DIR/images/ and image paths relative to DIR.
 
 Images (`Scene`): a "number" image shows one number 0..max_answer in seven-segment strokes; a "pair" image
-shows two digits 0..max_operand, left and right of a grey divider; a "shapes" image is a grid x grid board
+shows two digits 0..max_operand, left and right of a grey divider (each digit inside its own 28-px merged
+vision token column at the default 84 px); a "shapes" image is a grid x grid board
 (28 px cells at the default 84 px, one merged vision token each) holding red circles, blue squares,
 green triangles or nothing. Every multimodal answer is computed from the scene, so it depends on the image.
 
@@ -16,8 +17,9 @@ Skills ("easy" = perception and simple sums; "hard" = two-step reasoning and com
   multimodal hard  two_step (number*m+k), pair_two_step (a*b+k), count_add (count+k), compare (larger digit)
   text easy        t_read_word ("Write seven in digits."), t_add, t_word_add ("seven plus three"), t_mul ("3 times 6")
   text hard        t_two_step ("4 times 2 plus 5"), t_word_two_step, t_compare ("Which is larger, 7 or 4?")
-SFT splits are easy items (`sft_hard_share`, default 0): text records teach the arithmetic and the trace
-format, multimodal records teach perception and simple sums. The RL and test splits are dominated by hard
+SFT splits are easy items (`sft_hard_share`, default 0; `sft_mm_hard_share` sets the image records' share
+apart): text records teach the arithmetic and the trace format, multimodal records teach perception and
+simple sums. The RL and test splits are dominated by hard
 items (`rl_hard_share`, `test_hard_share`), so RL has headroom. Comparisons are multiple choice (up to the
 `mc_share` quota, then open-ended); the rest of the quota is filled with other skills asked as multiple
 choice. Gold for multiple choice is the letter; `choices` holds the option texts, the correct position is
@@ -67,6 +69,8 @@ class SynthConfig:
     mc_share: float = field(default=0.2, metadata={"help": "share of multiple-choice items in every split"})
     n_choices: int = field(default=4, metadata={"help": "options per multiple-choice item"})
     sft_hard_share: float = field(default=0.0, metadata={"help": "share of hard items in sft/sft_test"})
+    sft_mm_hard_share: float = field(default=-1.0, metadata={
+        "help": "share of hard items among the image records of sft/sft_test (< 0: sft_hard_share)"})
     rl_hard_share: float = field(default=0.7, metadata={"help": "share of hard items in mm_train/text_train"})
     test_hard_share: float = field(default=0.7, metadata={"help": "share of hard items in mm_test/text_test"})
     test_frac: float = field(default=0.3, metadata={"help": "share of the problem space held out for tests"})
@@ -86,6 +90,7 @@ class SynthConfig:
         need(2 <= self.n_choices <= min(26, self.max_answer + 1), "n_choices must be in 2..min(26, max_answer+1)")
         for name in ("mm_share", "mc_share", "sft_hard_share", "rl_hard_share", "test_hard_share"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
+        need(self.sft_mm_hard_share <= 1.0, "sft_mm_hard_share must be <= 1 (< 0: sft_hard_share)")
         need(self.test_frac > 0 and self.sft_test_frac > 0 and self.test_frac + self.sft_test_frac < 1,
              "test_frac and sft_test_frac must be > 0 with a sum < 1")
         need(all(getattr(self, f.name) >= 0 for f in dataclasses.fields(self) if f.name.startswith("n_")),
@@ -304,9 +309,12 @@ def render_image(scene: Scene, cfg: SynthConfig) -> Image.Image:
             _digit(d, dg, x, (size - h) // 2, w, h, t)
             x += w + gap
     elif scene.kind == "pair":
+        # Digits centred at 1/6 and 5/6 of the width: at 84 px each lies inside one 28-px merged vision token
+        # column and the middle column holds only the divider. Centred at 1/4 and 3/4, both digits spilled into
+        # the middle token; the tiny tower then learnt to read pairs in 4 cold starts of 12 (BENCHMARKS.md).
         w, h = round(size * 0.26), round(size * 0.56)
         for j, dg in enumerate(scene.values):
-            _digit(d, dg, (size // 4 if j == 0 else 3 * size // 4) - w // 2, (size - h) // 2, w, h, t)
+            _digit(d, dg, (size // 6 if j == 0 else 5 * size // 6) - w // 2, (size - h) // 2, w, h, t)
         d.line((size // 2, size // 6, size // 2, size - size // 6), fill=RULE, width=max(1, size // 42))
     elif scene.kind == "shapes":
         g = cfg.grid
@@ -481,8 +489,9 @@ def _build_split(name: str, cfg: SynthConfig, pools: dict) -> list[Item]:
     n, hard = getattr(cfg, size_field), getattr(cfg, hard_field)
     n_mm = round(n * (cfg.mm_share if mm is None else mm))
     slots: list[str] = []
+    mm_hard = cfg.sft_mm_hard_share if name in SFT_SPLITS and cfg.sft_mm_hard_share >= 0 else hard
     for is_mm, count in ((True, n_mm), (False, n - n_mm)):
-        n_hard = round(count * hard)
+        n_hard = round(count * (mm_hard if is_mm else hard))
         for tier, k in (("hard", n_hard), ("easy", count - n_hard)):
             slots += _spread([s for s, v in SKILLS.items() if (v[0] is not None) == is_mm and v[1] == tier], k, rng)
     slots = [slots[i] for i in rng.permutation(len(slots))]

@@ -168,6 +168,16 @@ def test_mix_mm_share_and_difficulty():
         assert sum(it.question.mc for it in splits[split]) == round(cfg.mc_share * len(splits[split]))
     text_only = synth.build_splits(dataclasses.replace(cfg, mm_share=0.0))
     assert all(it.scene is None for it in text_only["sft"] + text_only["sft_test"])
+    # a separate hard share for the image records of the SFT splits; text records and RL/test splits keep theirs
+    mixed = synth.build_splits(dataclasses.replace(cfg, sft_hard_share=0.4, sft_mm_hard_share=0.1))
+    for split, n_mm, n_text in (("sft", 30, 90), ("sft_test", 15, 45)):
+        items = mixed[split]
+        hard = [synth.SKILLS[it.question.skill][1] == "hard" for it in items]
+        assert sum(h for h, it in zip(hard, items) if it.scene is not None) == round(0.1 * n_mm)
+        assert sum(h for h, it in zip(hard, items) if it.scene is None) == round(0.4 * n_text)
+    assert mixed["mm_test"] == splits["mm_test"] and mixed["text_train"] == splits["text_train"]
+    with pytest.raises(ValueError, match="sft_mm_hard_share"):
+        synth.build_splits(dataclasses.replace(cfg, sft_mm_hard_share=1.5))
 
 
 def test_render_sizes_and_config_checks():
@@ -217,3 +227,13 @@ def test_multiplication_skill():
     space = synth.enumerate_space("t_mul", cfg)
     assert {it.question.params for it in space} == {(a, b) for a in range(10) for b in range(10) if a * b <= 20}
     assert all(it.value <= cfg.max_answer for it in space)
+
+
+def test_pair_digits_sit_in_the_outer_vision_token_columns():
+    # At 84 px the merged vision tokens are 28-px columns. Each digit must lie wholly in an outer column and the
+    # middle one hold only the grey divider (no ink), so no token mixes the two digits.
+    cfg = synth.SynthConfig()
+    img = np.asarray(synth.render_image(synth.Scene("pair", (8, 8)), cfg))  # 8 lights every segment
+    ink = (img == np.array(synth.INK)).all(-1)
+    assert ink[:, :28].any() and ink[:, 56:].any() and not ink[:, 28:56].any()
+    assert (img[:, 28:56] == np.array(synth.RULE)).all(-1).any()
