@@ -1,6 +1,6 @@
 """The staged pipeline, shortened: synthetic data -> cold-start SFT -> text GRPO, and the text stage learns.
 
-run.sh is the full job (3000 SFT steps, both RL stages, ~9 minutes on 2 cores; BENCHMARKS.md has its 3-seed numbers).
+run.sh is the full job (3000 SFT steps, both RL stages, ~9.5 minutes on 2 cores; BENCHMARKS.md has its 3-seed numbers).
 This test keeps what fits in about 3 minutes on 2 cores: a smaller number range (answers <= 10, so 800 SFT
 steps reach ~40% held-out text accuracy instead of the ~3000 the full task needs), then 50 steps of
 grpo_text.py's GRPO (vision tower frozen, KL to its start, PAD, the efficient-length reward) at lr 1e-4.
