@@ -19,11 +19,10 @@ Skills ("easy" = perception and simple sums; "hard" = two-step reasoning and com
   text hard        t_two_step ("4 times 2 plus 5"), t_word_two_step, t_compare ("Which is larger, 7 or 4?")
 SFT splits are easy items (`sft_hard_share`, default 0; `sft_mm_hard_share` sets the image records' share
 apart): text records teach the arithmetic and the trace format, multimodal records teach perception and
-simple sums. The RL and test splits are dominated by hard
-items (`rl_hard_share`, `test_hard_share`), so RL has headroom. Comparisons are multiple choice (up to the
-`mc_share` quota, then open-ended); the rest of the quota is filled with other skills asked as multiple
-choice. Gold for multiple choice is the letter; `choices` holds the option texts, the correct position is
-balanced over the letters and shuffled.
+simple sums. The RL and test splits are dominated by hard items (`rl_hard_share`, `test_hard_share`), so RL
+has headroom. Comparisons are multiple choice (up to the `mc_share` quota, then open-ended); the rest of the
+quota is filled with other skills asked as multiple choice. Gold for multiple choice is the letter; `choices`
+holds the option texts, the correct position is balanced over the letters and shuffled.
 
 Multimodal share of SFT (`mm_share`): the default 0 is the paper's text-only cold start (CONTRACT). At this
 scale a randomly initialised vision tower cannot learn to see from a 0/1 RL reward alone, so the built-in
