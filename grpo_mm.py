@@ -2,7 +2,7 @@
 reward (ReVisual-R1, arXiv 2506.04207, Section 4.1; equation numbers below are the paper's).
 
 One rollout step:
-  1. each rank samples `n` completions for its share of `rollout_batch` prompts with `generate` semantics
+  1. each rank samples `group_size` completions for its share of `rollout_batch` prompts with `generate` semantics
      (a complete generation config: the checkpoint's own top_k=1 never leaks in; vision tokens suppressed):
      sampling.py's decode loop by default (the same tokens as HF `generate` under greedy decoding and the same
      temperature/top-p distribution, tests/test_bench.py; one prefill per group; no sort of the vocabulary),
@@ -63,7 +63,7 @@ class GRPOConfig:
     resume: bool = True
     # rollouts
     rollout_batch: int = 16  # prompts per step, global (paper: 512)
-    n: int = 8  # completions per prompt
+    group_size: int = 8  # completions per prompt (n in the paper; not `n`: torchrun would swallow `--n`)
     rollout_micro_batch: int = 16  # prompts per generate call per rank (memory knob)
     temperature: float = 1.0
     top_p: float = 0.95
@@ -288,13 +288,13 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
         torch.manual_seed(seed)
         for s in range(0, len(prompts), cfg.rollout_micro_batch):
             chunk = prompts[s : s + cfg.rollout_micro_batch]
-            ids = [r for r in rec_ids[s : s + cfg.rollout_micro_batch] for _ in range(cfg.n)]
+            ids = [r for r in rec_ids[s : s + cfg.rollout_micro_batch] for _ in range(cfg.group_size)]
             batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
             device = next(model.parameters()).device
             batch = {k: v.to(device) for k, v in batch.items()}
             # Each prompt prefilled once and its KV cache repeated n times (HF's loop with --hf_generate: each
             # prompt expanded n times before the prefill); rows come back prompt-major.
-            seqs = S.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.n, use_hf=cfg.hf_generate)
+            seqs = S.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.group_size, use_hf=cfg.hf_generate)
             new = seqs[:, batch["input_ids"].shape[1] :].tolist()
             for rec, gen in zip(ids, new):
                 completion, truncated = S.split_completion(gen, eos)
@@ -421,7 +421,7 @@ def train(cfg: GRPOConfig) -> str:
             s.reward, s.acc, s.format, s.len_reward = p["reward"], p["acc"], p["format"], p["len_reward"]
         samples = [s for part in C.all_gather_objects(local, d) for s in part]  # rank-major, groups of n
         # 3. group advantages; 4. PAD on the global batch (the same generator on every rank: the same choice)
-        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).view(-1, cfg.n)
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).view(-1, cfg.group_size)
         adv = group_advantages(rewards).flatten()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         tau = pad_tau(t, cfg.max_steps, cfg.pad_tau_start, cfg.pad_tau_end)
@@ -436,7 +436,7 @@ def train(cfg: GRPOConfig) -> str:
         stats = update(policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d, beta, gen, params, opt)
         train_s = time.time() - t1
         # 7. logs
-        acc_groups = torch.tensor([s.acc for s in samples]).view(-1, cfg.n)
+        acc_groups = torch.tensor([s.acc for s in samples]).view(-1, cfg.group_size)
         row = {"step": step, "updates": stats["updates"], "loss": stats["loss"], "lr": cfg.lr,
                "elapsed_s": round(time.time() - t_start, 3),
                "reward": _mean(s.reward for s in samples), "acc": _mean(s.acc for s in samples),

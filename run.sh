@@ -63,13 +63,13 @@ evaluate sft "$OUT/sft/final"
 
 echo "== stage 2: multimodal GRPO (PAD, efficient-length reward, no KL, no entropy bonus)"
 timed grpo_mm python grpo_mm.py --model "$OUT/sft/final" --seed "$SEED" --data "$DATA/mm_train.jsonl" \
-  --out_dir "$OUT/grpo_mm" --max_steps 100 --rollout_batch 64 --n 8 --max_new_tokens 64 --lr 5e-5 \
+  --out_dir "$OUT/grpo_mm" --max_steps 100 --rollout_batch 64 --group_size 8 --max_new_tokens 64 --lr 5e-5 \
   --len_budget 150 --mini_batch 128 --micro_batch 32 --entropy_beta0 0 --save_every 25
 evaluate grpo_mm "$OUT/grpo_mm/final"
 
 echo "== stage 3: text GRPO (vision tower frozen, KL 2e-3 to the stage-2 model)"
 timed grpo_text python grpo_text.py --model "$OUT/grpo_mm/final" --seed "$SEED" --data "$DATA/text_train.jsonl" \
-  --out_dir "$OUT/grpo_text" --max_steps 100 --rollout_batch 32 --n 8 --max_new_tokens 64 --lr 5e-5 \
+  --out_dir "$OUT/grpo_text" --max_steps 100 --rollout_batch 32 --group_size 8 --max_new_tokens 64 --lr 5e-5 \
   --len_budget 150 --mini_batch 64 --micro_batch 32 --entropy_warmup 40 --save_every 25
 evaluate grpo_text "$OUT/grpo_text/final"
 

@@ -88,8 +88,8 @@ def ours_worker(a) -> None:
 
     torch.set_num_threads(a.threads)
     records, prompt, placement = load_prompts(a.data, a.prompts)
-    cfg = G.GRPOConfig(model=a.model, rollout_batch=a.prompts, n=a.n, rollout_micro_batch=a.prompts,
-                       max_new_tokens=a.max_new_tokens, mini_batch=a.prompts * a.n, micro_batch=a.prompts * a.n,
+    cfg = G.GRPOConfig(model=a.model, rollout_batch=a.prompts, group_size=a.group_size, rollout_micro_batch=a.prompts,
+                       max_new_tokens=a.max_new_tokens, mini_batch=a.prompts * a.group_size, micro_batch=a.prompts * a.group_size,
                        ppo_epochs=1, kl_coef=0.0, pad_mode="off", temperature=a.temperature, top_p=a.top_p,
                        lr=a.lr, entropy_warmup=10**9)  # fmt: skip
     cfg.min_new_tokens = a.max_new_tokens  # equal work: every completion exactly max_new_tokens long
@@ -114,7 +114,7 @@ def ours_worker(a) -> None:
         t1 = time.perf_counter()
         for s in samples:
             s.reward = letter_share(s.text)
-        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).view(-1, cfg.n)
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).view(-1, cfg.group_size)
         adv = G.group_advantages(rewards).flatten()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         drawn, _, _ = G.pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, 1.0, cfg.pad_rho, gen)
@@ -153,7 +153,7 @@ def trl_worker(a) -> None:
         rows.append({"prompt": msgs, "image": D.open_image(r.images[0], r.source)})
     dataset = datasets.Dataset.from_list(rows)
     hf, processor = M.load_model(a.model, seed=0)
-    n_seq = a.prompts * a.n
+    n_seq = a.prompts * a.group_size
 
     def reward(completions, **kwargs):
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
@@ -162,7 +162,7 @@ def trl_worker(a) -> None:
     with tempfile.TemporaryDirectory() as out_dir:
         args = trl.GRPOConfig(
             output_dir=out_dir, per_device_train_batch_size=n_seq, gradient_accumulation_steps=1,
-            num_generations=a.n, max_completion_length=a.max_new_tokens,
+            num_generations=a.group_size, max_completion_length=a.max_new_tokens,
             generation_kwargs={"min_new_tokens": a.max_new_tokens}, temperature=a.temperature, top_p=a.top_p,
             top_k=0, repetition_penalty=1.0, beta=0.0, num_iterations=1, epsilon=0.2, epsilon_high=0.25,
             learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
@@ -278,7 +278,7 @@ class Worker:
 
 
 def compare(model: str, a, data: str, trl_py: str, log) -> dict:
-    print(f"\n== {model}: {a.prompts} prompts x {a.n} samples, {a.max_new_tokens} new tokens each, "
+    print(f"\n== {model}: {a.prompts} prompts x {a.group_size} samples, {a.max_new_tokens} new tokens each, "
           f"{a.threads} thread(s), temperature {a.temperature}, top_p {a.top_p}",
           flush=True)  # fmt: skip
     ours = Worker(sys.executable, "ours", a, model, data, log)
@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 prompts x 4 samples, 16 new tokens")
     ap.add_argument("--models", default="tiny,tiny-qwen")
     ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--group_size", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5, help="alternating pairs (the median of at least 5)")
     ap.add_argument("--threads", type=int, default=1)
@@ -344,7 +344,7 @@ def main() -> None:
         (ours_worker if a.worker == "ours" else trl_worker)(a)
         return
     if a.quick:
-        a.prompts, a.n, a.max_new_tokens = 2, 4, 16
+        a.prompts, a.group_size, a.max_new_tokens = 2, 4, 16
     a.repeats = max(5, a.repeats)
     trl_py = trl_python()
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@ PAD skip, measured from a run.
 
 1. Throughput (completion tokens/s) at the rollout's settings (temperature 1, top_p 0.95, vision tokens
    suppressed; every completion forced to its full length so all sides generate the same tokens), on the
-   synthetic task's prompts with images, `--prompts` prompts x `--n` samples:
+   synthetic task's prompts with images, `--prompts` prompts x `--group_size` samples:
      hf         model.generate on the n-times repeated prompts (what grpo_mm.rollout does today)
      ours       sampling.generate on the same repeated prompts (our decode loop and exact top-p sampler)
      ours_group sampling.generate with each prompt once and num_return_sequences=n (one prefill per group)
@@ -44,14 +44,14 @@ def throughput(kind: str, data: str, a) -> dict:
     enc = [D.encode_prompt(r, processor) for r in D.load_records(data)[: a.prompts]]
     gc = S.generation_config(tok, 1.0, 0.95, a.max_new_tokens)
     gc.min_new_tokens = a.max_new_tokens
-    repeated = D.collate_prompts([e for e in enc for _ in range(a.n)], tok.pad_token_id, hf.config.image_token_id)
+    repeated = D.collate_prompts([e for e in enc for _ in range(a.group_size)], tok.pad_token_id, hf.config.image_token_id)
     once = D.collate_prompts(enc, tok.pad_token_id, hf.config.image_token_id)
     sides = {
         "hf": lambda: hf.generate(**repeated, generation_config=gc, synced_gpus=False),
         "ours": lambda: S.generate(hf, **repeated, generation_config=gc),
-        "ours_group": lambda: S.generate(hf, **once, generation_config=gc, num_return_sequences=a.n),
+        "ours_group": lambda: S.generate(hf, **once, generation_config=gc, num_return_sequences=a.group_size),
     }
-    tokens = a.prompts * a.n * a.max_new_tokens
+    tokens = a.prompts * a.group_size * a.max_new_tokens
     times: dict[str, list[float]] = {k: [] for k in sides}
     names = list(sides)
     for r in range(a.repeats + 1):  # round 0 is warm-up
@@ -64,7 +64,7 @@ def throughput(kind: str, data: str, a) -> dict:
             assert out.shape[1] - repeated["input_ids"].shape[1] == a.max_new_tokens
             if r:
                 times[name].append(dt)
-    res = {"model": kind, "sequences": a.prompts * a.n, "new_tokens": a.max_new_tokens}
+    res = {"model": kind, "sequences": a.prompts * a.group_size, "new_tokens": a.max_new_tokens}
     for name in names:
         res[f"{name}_tokens_per_s"] = tokens / statistics.median(times[name])
     for name in ("ours", "ours_group"):
@@ -95,7 +95,7 @@ def skips(tmp: str, a) -> dict:
     for mode in ("filter", "paper"):
         run = os.path.join(tmp, f"grpo_{mode}")
         cfg = G.GRPOConfig(model=os.path.join(sft_dir, "final"), data=os.path.join(data_dir, "mm_train.jsonl"),
-                           out_dir=run, max_steps=a.grpo_steps, save_every=10**6, rollout_batch=8, n=8,
+                           out_dir=run, max_steps=a.grpo_steps, save_every=10**6, rollout_batch=8, group_size=8,
                            rollout_micro_batch=8, max_new_tokens=64, mini_batch=64, micro_batch=32, pad_mode=mode,
                            resume=False)  # fmt: skip
         G.train(cfg)
@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--models", default="tiny,tiny-qwen")
     ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--group_size", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--skip", choices=["", "throughput", "skips"], default="", help="leave one part out")
     a = ap.parse_args()
     if a.quick:
-        a.prompts, a.n, a.max_new_tokens, a.grpo_steps, a.sft_steps = 2, 4, 16, 4, 100
+        a.prompts, a.group_size, a.max_new_tokens, a.grpo_steps, a.sft_steps = 2, 4, 16, 4, 100
     a.repeats = max(5, a.repeats)
     import torch
 

@@ -89,7 +89,7 @@ def build_samples(tokenizer) -> tuple[list[G.Sample], torch.Generator, list[int]
 
 def case_config(name: str, distributed: str) -> G.GRPOConfig:
     overrides, _ = CASES[name]
-    return G.GRPOConfig(model="tiny", seed=0, n=N, rollout_batch=len(GROUP_REWARDS), pad_mode=PAD["mode"],
+    return G.GRPOConfig(model="tiny", seed=0, group_size=N, rollout_batch=len(GROUP_REWARDS), pad_mode=PAD["mode"],
                         pad_t_low=PAD["t_low"], pad_rho=PAD["rho"], distributed=distributed, **overrides)  # fmt: skip
 
 
@@ -190,7 +190,7 @@ class CollectiveCounter:
 def run_generate(args, d: C.Dist) -> None:
     """Rank 0 samples from the multimodal prompt, rank 1 from a text one (different image/no-image patterns:
     any collective inside generate would either be counted or hang)."""
-    cfg = G.GRPOConfig(model="tiny", seed=0, n=N, rollout_batch=2, max_new_tokens=12, rollout_micro_batch=1)
+    cfg = G.GRPOConfig(model="tiny", seed=0, group_size=N, rollout_batch=2, max_new_tokens=12, rollout_micro_batch=1)
     policy, core, processor, prompt, placement, _ = G.setup_policy(cfg, d)
     assert M._fsdp_modules(core), "the policy is not sharded"
     records = load_case_records(args.synth)

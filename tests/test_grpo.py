@@ -235,7 +235,7 @@ def test_rollouts_of_a_group_differ_despite_trap_config(tiny, tmp_path, hf_gener
     m, p = tiny
     recs = _records(tmp_path)
     prompts = [D.encode_prompt(r, p) for r in recs]
-    cfg = G.GRPOConfig(n=4, max_new_tokens=8, rollout_micro_batch=2, hf_generate=hf_generate)
+    cfg = G.GRPOConfig(group_size=4, max_new_tokens=8, rollout_micro_batch=2, hf_generate=hf_generate)
     samples = G.rollout(m, p, prompts, [0, 1], cfg, seed=0)
     assert len(samples) == 8
     for g in range(2):
@@ -252,7 +252,7 @@ def test_rollouts_of_a_group_differ_despite_trap_config(tiny, tmp_path, hf_gener
 def test_rollout_seed_determinism(tiny, tmp_path):
     m, p = tiny
     prompts = [D.encode_prompt(r, p) for r in _records(tmp_path)]
-    cfg = G.GRPOConfig(n=3, max_new_tokens=6)
+    cfg = G.GRPOConfig(group_size=3, max_new_tokens=6)
     a = G.rollout(m, p, prompts, [0, 1], cfg, seed=5)
     b = G.rollout(m, p, prompts, [0, 1], cfg, seed=5)
     c = G.rollout(m, p, prompts, [0, 1], cfg, seed=6)

@@ -169,7 +169,7 @@ def test_no_collective_inside_generate_on_sharded_model(tmp_path, synth_dir):
 # ----------------------------------------------------------------------------------------------------------
 # 3-4. Whole runs of grpo_mm.py: kill -9 and rerun; log consistency
 
-RUN_ARGS = dict(model="tiny", rollout_batch=4, n=4, max_new_tokens=16, mini_batch=16, micro_batch=16,
+RUN_ARGS = dict(model="tiny", rollout_batch=4, group_size=4, max_new_tokens=16, mini_batch=16, micro_batch=16,
                 rollout_micro_batch=4, len_budget=8, seed=3, save_every=2, max_steps=6,
                 pad_rho=0.15)  # fmt: skip  # rho 0.15: 3 draws of 16, so a step with 4+ nonzero advantages is capped
 
@@ -220,7 +220,7 @@ def _complete_rows(path: str) -> list[dict]:
 
 def test_kill9_mid_run_then_rerun_matches_uninterrupted(tmp_path, mm_data, uninterrupted):
     out = str(tmp_path / "killed")
-    n_seq = RUN_ARGS["rollout_batch"] * RUN_ARGS["n"]
+    n_seq = RUN_ARGS["rollout_batch"] * RUN_ARGS["group_size"]
     proc = subprocess.Popen(grpo_cmd(mm_data, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 240
@@ -282,7 +282,7 @@ def test_resume_survives_a_log_line_cut_by_the_kill(tmp_path):
 
 
 def _check_logs(out_dir: str, cfg: dict, pad_mode: str) -> None:
-    n = cfg["n"]
+    n = cfg["group_size"]
     n_seq = cfg["rollout_batch"] * n
     metrics = read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
     rollouts = by_step(read_jsonl(os.path.join(out_dir, "rollouts.jsonl")))

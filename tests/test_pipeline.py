@@ -39,7 +39,7 @@ def test_shortened_pipeline_text_grpo_raises_text_accuracy(tmp_path):
 
     rl_dir = str(tmp_path / "grpo_text")
     cfg = grpo_text.GRPOTextConfig(model=f"{sft_dir}/final", data=f"{data}/text_train.jsonl", out_dir=rl_dir,
-                                   max_steps=50, lr=1e-4, rollout_batch=32, n=8, max_new_tokens=64, len_budget=150,
+                                   max_steps=50, lr=1e-4, rollout_batch=32, group_size=8, max_new_tokens=64, len_budget=150,
                                    mini_batch=64, micro_batch=32, entropy_warmup=40, save_every=0)  # fmt: skip
     grpo_text.train(cfg)
     end = _text_accuracy(f"{rl_dir}/final", data, str(tmp_path / "eval_grpo_text"))
