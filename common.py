@@ -12,16 +12,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
 import types
 import typing
+import warnings
 from dataclasses import fields
 
 import numpy as np
@@ -31,6 +34,10 @@ import torch.distributed as dist
 
 class ConfigError(ValueError):
     pass
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite optimizer steps in a row: the run stops (its last checkpoint is intact)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -67,13 +74,34 @@ def _convert(name: str, tp, raw):
         raise ConfigError(f"--{name}: cannot parse {raw!r} as {getattr(tp, '__name__', tp)}") from None
 
 
+def _field_help(cls) -> dict[str, str]:
+    """Each field's help: `metadata["help"]`, else the comment that ends its line in the class source (the
+    configs are documented where they are defined; subclasses override their parents' comments)."""
+    import inspect
+
+    out: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for name, comment in re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", source, flags=re.M):
+            out[name] = comment.strip()
+    for f in fields(cls):
+        if f.metadata.get("help"):
+            out[f.name] = f.metadata["help"]
+    return out
+
+
 def config_help(cls) -> str:
+    """The one help format of every command: each field with its type, default and help."""
     hints = typing.get_type_hints(cls)
-    lines = [f"{cls.__doc__ or cls.__name__}", "", "Fields (--key=value; --config FILE.yaml sets several):"]
+    helps = _field_help(cls)
+    lines = [f"{cls.__doc__ or cls.__name__}", "", "Fields (--key=value or --key value; --config FILE.yaml sets several):"]
     for f in fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        lines.append(f"  --{f.name:<24} {tp:<14} default {default!r}")
+        lines.append(f"  --{f.name:<24} {tp:<12} default {default!r:<14} {helps.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 
 
@@ -132,7 +160,7 @@ def main_guard(fn, cls):
         sys.exit(f"error: {e}")
     try:
         fn(cfg)
-    except (DataError, ConfigError, FileNotFoundError) as e:
+    except (DataError, ConfigError, NonFiniteError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -156,8 +184,12 @@ class Dist:
         return self.world > 1
 
 
-def init_distributed(device: str = "auto") -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPU. Single process otherwise."""
+def init_distributed(device: str = "auto", timeout_min: float = 180) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on GPUs, gloo on CPU. Single process otherwise.
+
+    `timeout_min` bounds every collective. torch's default (30 minutes for gloo, 10 for NCCL) is shorter than
+    the skew between ranks after a long rollout step at paper scale (a rank whose group runs to 8k tokens
+    keeps the others waiting at the first collective), so the stages default to 3 hours (`dist_timeout_min`)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -165,8 +197,21 @@ def init_distributed(device: str = "auto") -> Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     return Dist(rank, world, local, dev)
+
+
+def resolve_bf16(value: str | bool, d: Dist) -> bool:
+    """`bf16` as every stage reads it: auto (on with CUDA), true or false."""
+    text = str(value).lower()
+    if text not in ("auto", "true", "false"):
+        raise ConfigError(f"--bf16 must be auto, true or false, got {value!r}")
+    return d.device.type == "cuda" if text == "auto" else text == "true"
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def all_reduce_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -258,6 +303,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def resolve_resume(resume: str, out_dir: str, d: Dist) -> str | None:
+    """The checkpoint to start from, as every stage reads `resume`: auto (the newest complete checkpoint in
+    out_dir, if any), true (the same, and an error if there is none), false (start over: old checkpoints are
+    removed so a later rerun cannot resume from them), or a checkpoint path.
+
+    Rank 0 decides and every rank takes its decision: ranks that see a shared file system differently (a
+    checkpoint renamed a moment ago, a stale NFS cache) would otherwise start from different steps."""
+    decision, error = None, None
+    if d.main:
+        text = str(resume).lower()
+        if text in ("auto", "true", "yes", "1"):
+            decision = latest_checkpoint(out_dir)
+            if decision is None and text != "auto":
+                error = f"--resume {resume}: no complete checkpoint in {out_dir}/ckpt"
+        elif text in ("false", "no", "0", "never"):
+            shutil.rmtree(os.path.join(out_dir, "ckpt"), ignore_errors=True)
+        elif os.path.isfile(os.path.join(resume, "state.json")):
+            decision = resume
+        else:
+            error = f"--resume {resume}: not a complete checkpoint (no state.json)"
+    decision, error = broadcast_object((decision, error), d)
+    if error:
+        raise FileNotFoundError(error)
+    return decision
+
+
 def latest_checkpoint(out_dir: str) -> str | None:
     """The newest complete checkpoint (`step_NNNNNN`; a `.tmp` left by a crash mid-write is ignored)."""
     root = os.path.join(out_dir, "ckpt")
@@ -282,6 +353,15 @@ def debug_kill_hook(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def _single_process_dcp():
+    """torch.distributed.checkpoint warns on every call without a process group ("assuming the intent is to
+    save in a single process"), which is exactly our intent for one process: that one warning, here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, d: Dist, keep: int = 2) -> str:
     """Sharded model + optimizer through torch.distributed.checkpoint, per-rank RNG, and `state` (json)."""
     import torch.distributed.checkpoint as dcp
@@ -293,7 +373,8 @@ def save_checkpoint(out_dir: str, step: int, model, optimizer, state: dict, d: D
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier(d)
-    dcp.save(_app_state(model, optimizer), checkpoint_id=tmp)
+    with _single_process_dcp():
+        dcp.save(_app_state(model, optimizer), checkpoint_id=tmp, no_dist=not dist.is_initialized())
     torch.save(rng_state(), os.path.join(tmp, f"rng_{d.rank}.pt"))
     debug_kill_hook("save", step)
     barrier(d)
@@ -315,7 +396,8 @@ def load_checkpoint(path: str, model, optimizer, d: Dist) -> dict:
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     app = _app_state(model, optimizer)
-    dcp.load(app, checkpoint_id=path)
+    with _single_process_dcp():
+        dcp.load(app, checkpoint_id=path, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=app["model"], optim_state_dict=app["optim"])
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)

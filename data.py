@@ -107,14 +107,13 @@ def parse_record(obj: object, base_dir: str, where: str, require_solution: bool 
             raise DataError(f"{where}: field 'choices' must be a list of strings")
         choices = choices or None
     images = obj.get("images") or []
-    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-        raise DataError(f"{where}: field 'images' must be a list of relative paths (strings)")
-    root = os.path.realpath(base_dir)
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise DataError(f"{where}: field 'images' must be a list of image paths (non-empty strings)")
     paths = []
     for rel in images:
-        path = os.path.realpath(os.path.join(root, rel))
-        if os.path.isabs(rel) or os.path.commonpath([root, path]) != root:
-            raise DataError(f"{where}: field 'images': path {rel!r} escapes the data folder {root}")
+        # Absolute paths as written (LLaMA-Factory / EasyR1 style data); relative ones from `base_dir`. The
+        # user's own data file is not a security boundary: a path may point anywhere the user can read.
+        path = os.path.abspath(os.path.join(base_dir, os.path.expanduser(rel)))
         if check_images:
             open_image(path, where)
         paths.append(path)
@@ -123,15 +122,16 @@ def parse_record(obj: object, base_dir: str, where: str, require_solution: bool 
 
 
 def load_records(paths: str | list[str], require_solution: bool = False, skip_bad: bool = False,
-                 check_images: bool = True, limit: int | None = None) -> list[Record]:  # fmt: skip
-    """JSONL records from one path, a comma-separated list, or a list of paths (CONTRACT: Data records)."""
+                 check_images: bool = True, limit: int | None = None, image_dir: str = "") -> list[Record]:  # fmt: skip
+    """JSONL records from one path, a comma-separated list, or a list of paths (CONTRACT: Data records).
+    Relative image paths start from `image_dir` when given, else from the JSONL file's own folder."""
     if isinstance(paths, str):
         paths = [p for p in paths.split(",") if p]
     records, skipped = [], 0
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"{path}: data file not found")
-        base = os.path.dirname(os.path.abspath(path))
+        base = os.path.abspath(image_dir) if image_dir else os.path.dirname(os.path.abspath(path))
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():

@@ -67,14 +67,15 @@ class EvalConfig:
     top_p: float | None = None  # None: 0.95 when sampling
     max_new_tokens: int = 4096
     batch_size: int = 16  # prompts per generate call (per rank)
-    prompt: str | None = None  # None: the prompt recorded in the model's revisual.json, else paper Fig. 5
-    placement: str | None = None  # system | user; None: as recorded, else system
+    prompt: str = ""  # "" = the prompt recorded in the model's revisual.json (else the paper's Fig. 5 prompt)
+    placement: str = ""  # system | user; "" = as the checkpoint recorded (else system)
     blank_images: bool = False  # replace every image by a white one of the same size
     limit: int | None = None  # first N items of each benchmark
     seed: int = 0  # GPQA option shuffle and sampling seeds
     score_only: str | None = None  # predictions.jsonl to re-grade without a model
-    max_prompt_len: int | None = None  # a longer prompt is an error naming the item
+    max_prompt_len: int = 0  # a longer prompt is an error naming the item (0 = no limit)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    dist_timeout_min: int = 180  # collective timeout (minutes)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -370,11 +371,23 @@ def _check_run(cfg: EvalConfig, prompt: str, placement: str) -> None:
         json.dump(run, f, indent=2)
 
 
+def validate_config(cfg: EvalConfig) -> None:
+    """One clear line naming the field, before any model is loaded."""
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.samples is not None and cfg.samples < 1 or cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError(f"--samples and --limit must be >= 1 when given, got {cfg.samples}, {cfg.limit}")
+    if cfg.placement not in ("", *D.PLACEMENTS):
+        raise ConfigError(f"--placement must be one of {', '.join(D.PLACEMENTS)}; got {cfg.placement!r}")
+
+
 def main(cfg: EvalConfig) -> dict | None:
+    validate_config(cfg)
     if cfg.score_only:
         return score_only(cfg)
     benches = parse_bench(cfg.bench)
-    d = init_distributed()
+    d = init_distributed(timeout_min=cfg.dist_timeout_min)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (torch.bfloat16 if d.device.type == "cuda"
                                                                    else torch.float32)  # fmt: skip
     recorded = M.read_training_metadata(cfg.model) if os.path.isdir(cfg.model) else {}
@@ -402,7 +415,7 @@ def main(cfg: EvalConfig) -> dict | None:
         evaluate_records(model, processor, records, prompt=prompt, placement=placement,
                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, dist=d,
                          temperature=temperature, top_p=top_p, samples=k, seed=cfg.seed, bench=label,
-                         max_prompt_len=cfg.max_prompt_len, skip={(i, s) for b, i, s in done if b == label},
+                         max_prompt_len=cfg.max_prompt_len or None, skip={(i, s) for b, i, s in done if b == label},
                          on_rows=lambda rows: _write_jsonl(pred_path, rows, "a"), progress=True)  # fmt: skip
     if not d.main:
         return None

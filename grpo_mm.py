@@ -52,21 +52,21 @@ class GRPOConfig:
     """Multimodal GRPO (stage 2). Defaults run the tiny model on CPU; configs/grpo_mm_7b.yaml has Table 5's."""
 
     model: str = "tiny"  # HF dir (sft.py's final/), or tiny / tiny-qwen
-    data: str = "out/synth/mm_train.jsonl"
+    data: str = "out/synth/mm_train.jsonl"  # JSONL records with `answer` (several comma-separated)
     eval_data: str = ""  # held-out split for in-loop validation (greedy accuracy)
-    out_dir: str = "out/grpo_mm"
+    out_dir: str = "out/grpo_mm"  # metrics.jsonl, rollouts.jsonl, ckpt/, final/
     max_steps: int = 60  # rollout steps (paper: 200, released code)
-    seed: int = 0
+    seed: int = 0  # prompts order, PAD draws and rollout sampling derive from it
     save_every: int = 20  # rollout steps between checkpoints (0: only at the end)
     eval_every: int = 0  # 0: only at the end
-    eval_limit: int = 200
-    resume: bool = True
+    eval_limit: int = 200  # first N records of eval_data
+    resume: str = "auto"  # auto: newest checkpoint in out_dir if any; false: start over; or a checkpoint path
     # rollouts
     rollout_batch: int = 16  # prompts per step, global (paper: 512)
     group_size: int = 8  # completions per prompt (n in the paper; not `n`: torchrun would swallow `--n`)
     rollout_micro_batch: int = 16  # prompts per generate call per rank (memory knob)
-    temperature: float = 1.0
-    top_p: float = 0.95
+    temperature: float = 1.0  # sampling temperature (paper 1.0); log-probs use logits / temperature
+    top_p: float = 0.95  # paper Table 5
     max_prompt_len: int = 1024  # paper: 8192
     max_new_tokens: int = 64  # paper: 8192
     min_new_tokens: int = 0  # 0: none (benchmarks set it to max_new_tokens for equal work)
@@ -75,44 +75,47 @@ class GRPOConfig:
     # update
     mini_batch: int = 64  # sequences per optimizer update, global (paper: 128 prompts x 8 = 1024 sequences)
     micro_batch: int = 32  # sequences per forward/backward per rank (memory knob)
-    ppo_epochs: int = 1
+    ppo_epochs: int = 1  # passes over the kept sequences per rollout step
     lr: float = 5e-5  # paper: 1e-6 (7B); the tiny model needs more, and forgets at >= 1e-4
-    weight_decay: float = 1e-2
-    grad_clip: float = 1.0
-    clip_low: float = 0.2
-    clip_high: float = 0.25
+    weight_decay: float = 1e-2  # paper Table 5
+    grad_clip: float = 1.0  # max grad norm (paper Table 5)
+    max_bad_steps: int = 5  # this many non-finite optimizer steps in a row stop the run (each is skipped)
+    clip_low: float = 0.2  # PPO clip eps_low (released code)
+    clip_high: float = 0.25  # clip-higher eps_high (released code)
     dual_clip: float = 3.0  # 0 disables
-    logratio_clamp: float = math.log(1e3)
+    logratio_clamp: float = math.log(1e3)  # |log ratio| bound before exp (released code)
     kl_coef: float = 0.0  # k3 ("low_var_kl"); 0 in this stage (paper)
-    kl_clamp: float = 10.0
-    entropy_beta0: float = 0.02
-    entropy_beta_min: float = 0.0
-    entropy_decay: float = 0.985
+    kl_clamp: float = 10.0  # per-token k3 clamp (released code)
+    entropy_beta0: float = 0.02  # Table 5 beta_0
+    entropy_beta_min: float = 0.0  # Table 5 beta_min
+    entropy_decay: float = 0.985  # Table 5 lambda, per rollout step
     entropy_warmup: int = 140  # steps with beta = 0 (paper tau_w; released code: 20)
     # PAD (Algorithm 1)
     pad_mode: str = "paper"  # paper | released | filter | off
-    pad_t_low: float = 0.03
-    pad_t_high: float = math.inf
-    pad_rho: float = 0.5
-    pad_tau_start: float = 1.0
-    pad_tau_end: float = 0.3
+    pad_t_low: float = 0.03  # E = {T_low <= |A| <= T_high} (Algorithm 1); released code 0.03
+    pad_t_high: float = math.inf  # inf: the released 0.97 drops the minority answers (PAPER.md)
+    pad_rho: float = 0.5  # k' = min(ceil(rho N), |E|)
+    pad_tau_start: float = 1.0  # PAD temperature, linear from start to end over the run
+    pad_tau_end: float = 0.3  # Table 5
     # reward
-    w_acc: float = 0.8
+    w_acc: float = 0.8  # reward = w_acc acc + w_fmt format + w_len R_len
     w_fmt: float = 0.1
     w_len: float = 0.1
     len_budget: int = 48  # tiny models; 4096 in the 7B configs
-    len_alpha: float = 0.005
-    len_delta: float = 0.5
-    grade_workers: int = 1
+    len_alpha: float = 0.005  # Eq. 5
+    len_delta: float = 0.5  # Eq. 5
+    grade_workers: int = 1  # processes grading completions (math-verify under a time limit)
     # model
     prompt: str = ""  # "" = what the starting checkpoint was trained with (else the paper's Fig. 5 prompt)
     placement: str = ""  # system | user; "" = as the checkpoint recorded (else system)
-    freeze_vision: bool = False
-    gradient_checkpointing: bool = False
-    bf16: bool = False  # bf16 compute, fp32 master weights (GPU)
-    distributed: str = "fsdp"  # fsdp | ddp (multi-process only)
-    stage: str = "grpo_mm"
-    wandb_project: str = ""
+    freeze_vision: bool = False  # vision tower and merger frozen (grpo_text: true)
+    image_dir: str = ""  # folder for relative image paths ("" = each JSONL file's own folder)
+    gradient_checkpointing: bool = False  # 7B: true
+    bf16: str = "auto"  # auto: on with CUDA; true | false (bf16 compute, fp32 master weights)
+    distributed: str = "fsdp"  # fsdp | ddp: how several processes share the model (one process: neither)
+    dist_timeout_min: int = 180  # collective timeout (minutes): above the worst skew of a long rollout step
+    stage: str = "grpo_mm"  # recorded in final/revisual.json
+    wandb_project: str = ""  # log to Weights & Biases when set and wandb imports
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,9 +152,9 @@ def pad_select(adv: torch.Tensor, mode: str, t_low: float, t_high: float, tau: f
     a = adv.abs()  # compared in its own dtype: a float32 0.03 stays inside [0.03, ...]
     ok = torch.ones(n, dtype=torch.bool) if eligible is None else eligible.bool()
     drawn = torch.zeros(n, dtype=torch.long)
-    if mode == "off":
+    if mode == "off":  # |E| is N by definition (CONTRACT), also when truncation="mask" trains fewer
         drawn[ok] = 1
-        return drawn, int(ok.sum()), ok.nonzero().flatten()
+        return drawn, n, ok.nonzero().flatten()
     if mode == "released":
         in_e = ok & (a > 0.03) & (a < 0.97)
     else:
@@ -333,14 +336,12 @@ def sequence_batch(samples: list[Sample], idx: list[int], encoded: dict[int, D.E
 
 def forward_logprobs(policy, b: dict, temperature: float, with_entropy: bool = False):
     """Per-token log-probs (and entropies) of the batch's completion tokens, fp32 from temperature-scaled logits.
-    A single-GPU bf16 run (no FSDP mixed precision) computes in bf16 under autocast; weights stay fp32."""
-    if getattr(policy_core(policy), "autocast_bf16", False):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"],
-                          b["image_grid_thw"], b["mm_token_type_ids"], temperature=temperature,
-                          with_entropy=with_entropy)  # fmt: skip
-    return policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"], b["image_grid_thw"],
-                  b["mm_token_type_ids"], temperature=temperature, with_entropy=with_entropy)  # fmt: skip
+    A bf16 run without FSDP's mixed precision (one process, or DDP) computes under bf16 autocast; the weights
+    stay fp32 and token_logprobs keeps the logits fp32."""
+    bf16 = getattr(policy_core(policy), "autocast_bf16", False)
+    with torch.autocast(b["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+        return policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"], b["image_grid_thw"],
+                      b["mm_token_type_ids"], temperature=temperature, with_entropy=with_entropy)
 
 
 def setup_policy(cfg: GRPOConfig, d: C.Dist):
@@ -361,9 +362,11 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
     if cfg.kl_coef > 0:  # the stage's starting model, frozen; only loaded when the KL term is on
         ref = M.Policy(M.load_model(cfg.model, device=d.device, seed=cfg.seed)[0]).eval().requires_grad_(False)
         ref.dedupe_images = ref.share_prefix = True
-    bf16 = torch.bfloat16 if cfg.bf16 else None
+    use_bf16 = C.resolve_bf16(cfg.bf16, d)
+    bf16 = torch.bfloat16 if use_bf16 else None
     policy = core
-    core.autocast_bf16 = bool(cfg.bf16 and not d.on and d.device.type == "cuda")
+    # bf16 without FSDP's mixed precision (one process, or DDP): autocast; the weights stay fp32 either way.
+    core.autocast_bf16 = use_bf16 and not (d.on and cfg.distributed == "fsdp")
     if d.on and cfg.distributed == "fsdp":
         M.shard(core, param_dtype=bf16)
         if ref is not None:
@@ -378,31 +381,54 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
     return policy, core, processor, prompt, placement, ref
 
 
+def validate_config(cfg: GRPOConfig, world: int) -> None:
+    """Refuse, with one line naming the field, what would otherwise fail mid-run or train silently wrong."""
+    if not cfg.data:
+        raise C.ConfigError("--data is required (JSONL records with an 'answer' field)")
+    if cfg.group_size < 2:  # the group std is over group_size - 1: one sample gives NaN advantages
+        raise C.ConfigError(f"--group_size must be >= 2 (group advantages need two samples), got {cfg.group_size}")
+    for name in ("max_steps", "rollout_batch", "rollout_micro_batch", "mini_batch", "micro_batch", "ppo_epochs",
+                 "max_new_tokens", "max_prompt_len", "max_bad_steps", "grade_workers"):
+        if getattr(cfg, name) < 1:
+            raise C.ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.rollout_batch % world:
+        raise C.ConfigError(f"--rollout_batch {cfg.rollout_batch} does not divide over {world} ranks")
+    C.check_choice("pad_mode", cfg.pad_mode, ("paper", "released", "filter", "off"))
+    C.check_choice("truncation", cfg.truncation, ("keep", "mask"))
+    C.check_choice("distributed", cfg.distributed, ("fsdp", "ddp"))
+    C.check_choice("bf16", str(cfg.bf16).lower(), ("auto", "true", "false"))
+    C.check_choice("placement", cfg.placement, ("", *D.PLACEMENTS))
+    if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
+        raise C.ConfigError(f"--temperature must be > 0 and --top_p in (0, 1]; got {cfg.temperature}, {cfg.top_p}")
+    if not 0 < cfg.pad_rho <= 1 or not 0 <= cfg.pad_t_low <= cfg.pad_t_high or min(cfg.pad_tau_start, cfg.pad_tau_end) <= 0:
+        raise C.ConfigError("PAD needs 0 < pad_rho <= 1, 0 <= pad_t_low <= pad_t_high and positive pad_tau_*")
+    if cfg.kl_coef < 0 or cfg.clip_low < 0 or cfg.clip_high < 0 or (cfg.dual_clip and cfg.dual_clip <= 1):
+        raise C.ConfigError("--kl_coef, --clip_low, --clip_high must be >= 0 and --dual_clip 0 or > 1")
+
+
 def train(cfg: GRPOConfig) -> str:
     """Run the GRPO stage; returns the path of the final model."""
-    if cfg.pad_mode not in ("paper", "released", "filter", "off") or cfg.truncation not in ("keep", "mask"):
-        raise C.ConfigError(f"pad_mode {cfg.pad_mode!r} / truncation {cfg.truncation!r} not recognised")
-    if cfg.rollout_batch % max(1, int(os.environ.get("WORLD_SIZE", "1"))):
-        raise C.ConfigError(f"rollout_batch {cfg.rollout_batch} must divide over {os.environ['WORLD_SIZE']} ranks")
-    d = C.init_distributed()
+    validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    d = C.init_distributed(timeout_min=cfg.dist_timeout_min)
     C.seed_everything(cfg.seed * 1000 + d.rank)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    records = D.load_records(cfg.data)
+    records = D.load_records(cfg.data, image_dir=cfg.image_dir)
     policy, core, processor, prompt, placement, ref = setup_policy(cfg, d)
     hf = core.model
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)  # constant lr
     rcfg = R.RewardConfig(w_acc=cfg.w_acc, w_fmt=cfg.w_fmt, w_len=cfg.w_len, len_budget=cfg.len_budget,
                           len_alpha=cfg.len_alpha, len_delta=cfg.len_delta, grade_workers=cfg.grade_workers)  # fmt: skip
-    sampler, start = PromptSampler(len(records), cfg.seed), 0
-    ckpt = C.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    sampler, start, bad = PromptSampler(len(records), cfg.seed), 0, {"streak": 0, "total": 0}
+    ckpt = C.resolve_resume(cfg.resume, cfg.out_dir, d)
     if ckpt:
         state = C.load_checkpoint(ckpt, policy, opt, d)
         start, sampler = state["step"], PromptSampler(len(records), cfg.seed, **state["sampler"])
+        bad = state.get("bad", bad)
     metrics, rollouts_log = (C.JsonlLog(os.path.join(cfg.out_dir, f), d.main) for f in ("metrics.jsonl", "rollouts.jsonl"))
     metrics.truncate_after(start)
     rollouts_log.truncate_after(start)
-    eval_records = D.load_records(cfg.eval_data, limit=cfg.eval_limit) if cfg.eval_data else []
+    eval_records = D.load_records(cfg.eval_data, limit=cfg.eval_limit, image_dir=cfg.image_dir) if cfg.eval_data else []
     wandb = _wandb(cfg, d)
     t_start = time.time()
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not d.main, desc=cfg.stage)
@@ -433,11 +459,13 @@ def train(cfg: GRPOConfig) -> str:
         # 5-6. updates on the kept sequences only
         t1 = time.time()
         beta = entropy_beta(t, cfg.entropy_beta0, cfg.entropy_beta_min, cfg.entropy_decay, cfg.entropy_warmup)
-        stats = update(policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d, beta, gen, params, opt)
+        stats = update(policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d, beta, gen, params, opt,
+                       bad)
         train_s = time.time() - t1
         # 7. logs
         acc_groups = torch.tensor([s.acc for s in samples]).view(-1, cfg.group_size)
-        row = {"step": step, "updates": stats["updates"], "loss": stats["loss"], "lr": cfg.lr,
+        row = {"step": step, "updates": stats["updates"], "skipped_updates": stats["skipped_updates"],
+               "bad_steps": bad["total"], "loss": stats["loss"], "lr": cfg.lr,
                "elapsed_s": round(time.time() - t_start, 3),
                "reward": _mean(s.reward for s in samples), "acc": _mean(s.acc for s in samples),
                "format": _mean(s.format for s in samples), "len_reward": _mean(s.len_reward for s in samples),
@@ -461,7 +489,7 @@ def train(cfg: GRPOConfig) -> str:
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['acc']:.2f}", kept=row["pad_kept"],
                         roll_s=f"{rollout_s:.1f}", train_s=f"{train_s:.1f}")  # fmt: skip
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
-            C.save_checkpoint(cfg.out_dir, step, policy, opt, {"sampler": sampler.state()}, d)
+            C.save_checkpoint(cfg.out_dir, step, policy, opt, {"sampler": sampler.state(), "bad": bad}, d)
     final = os.path.join(cfg.out_dir, "final")
     state_dict = M.full_state_dict(core)
     if d.main:
@@ -472,13 +500,16 @@ def train(cfg: GRPOConfig) -> str:
 
 
 def update(policy, ref, samples: list[Sample], records, encoded: dict, processor, prompt: str, placement: str,
-           cfg: GRPOConfig, d: C.Dist, beta: float, gen: torch.Generator, params, opt) -> dict:  # fmt: skip
+           cfg: GRPOConfig, d: C.Dist, beta: float, gen: torch.Generator, params, opt, bad: dict | None = None,
+           ) -> dict:  # fmt: skip
     """Steps 5-6: old and reference log-probs, then ceil(k'/mini_batch) updates per ppo epoch. Only kept
     sequences go through a forward; a rank short of micro-batches repeats one with weight 0 so that every
     rank runs the same collectives (PITFALLS)."""
+    bad = {"streak": 0, "total": 0} if bad is None else bad  # non-finite steps: in a row, in all (updated)
     plans = plan_updates(samples, cfg, d.world, gen)
     if not plans:  # E empty: nothing to train on this step (logged as updates = 0)
-        return {"updates": 0, "loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+        return {"updates": 0, "skipped_updates": 0, "loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0,
+                "grad_norm": 0.0}
     image_token_id = policy_core(policy).model.config.image_token_id
     # One sequence per update that a rank with too few micro-batches repeats with weight 0.
     fillers = [next(i for rank_micro in micro for mb in rank_micro for i in mb) for micro, _ in plans]
@@ -504,11 +535,11 @@ def update(policy, ref, samples: list[Sample], records, encoded: dict, processor
                     if ref is not None:
                         refs[u, k] = forward_logprobs(ref, b, cfg.temperature)[0]
     sums = torch.zeros(5, dtype=torch.float64)  # policy loss, kl, entropy, clipped tokens, tokens
-    norms = []
+    norms, skipped = [], 0
     policy.train()
     for _ in range(cfg.ppo_epochs):
         for u, (_, global_tokens) in enumerate(plans):
-            opt.zero_grad(set_to_none=True)
+            part = torch.zeros(5, dtype=torch.float64)
             for k, (idx, weight, b) in enumerate(batches(u)):
                 logp, ent = forward_logprobs(policy, b, cfg.temperature, with_entropy=True)
                 mask = b["target_mask"].float()
@@ -522,19 +553,36 @@ def update(policy, ref, samples: list[Sample], records, encoded: dict, processor
                 loss = per_token.sum() * (weight * d.world / global_tokens)
                 loss.backward()
                 with torch.no_grad():
-                    sums += weight * torch.tensor([pg.sum().item(), kl.sum().item(), (ent * mask).sum().item(),
+                    part += weight * torch.tensor([pg.sum().item(), kl.sum().item(), (ent * mask).sum().item(),
                                                    clipped.sum().item(), mask.sum().item()], dtype=torch.float64)  # fmt: skip
             for p in params:  # a parameter no micro-batch reached (the vision tower on a text-only mini-batch)
                 if p.grad is None:  # steps as it does on several ranks, where the dummy image gives it zeros
                     p.grad = torch.zeros_like(p)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
-            opt.step()
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            # The norm is global (FSDP: over every shard; DDP: of the averaged gradients), so every rank takes
+            # the same decision. A NaN/inf gradient never reaches AdamW: clip_grad_norm_ would have scaled every
+            # gradient by NaN, and one step would write NaN into every weight and both moments for good.
+            if math.isfinite(norm):
+                opt.step()
+                sums += part
+                norms.append(norm)
+                bad["streak"] = 0
+            else:
+                skipped += 1
+                bad["streak"] += 1
+                bad["total"] += 1
+                print(f"[{cfg.stage} rank {d.rank}] non-finite gradient (norm {norm}): update skipped "
+                      f"({bad['streak']} in a row)", flush=True)
+                if bad["streak"] >= cfg.max_bad_steps:
+                    raise C.NonFiniteError(f"{bad['streak']} non-finite optimizer steps in a row (max_bad_steps "
+                                           f"{cfg.max_bad_steps}); lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)  # gradients freed now, not kept through the next rollout
     pg_sum, kl_sum, ent_sum, clipped, tokens = C.all_reduce_sum(sums, d).tolist()
     tokens = max(tokens, 1.0)
-    return {"updates": len(plans) * cfg.ppo_epochs, "loss": (pg_sum + cfg.kl_coef * kl_sum - beta * ent_sum) / tokens,
-            "kl": kl_sum / tokens, "entropy": ent_sum / tokens, "clip_frac": clipped / tokens,
-            "grad_norm": sum(norms) / len(norms)}  # fmt: skip
+    return {"updates": len(norms), "skipped_updates": skipped,
+            "loss": (pg_sum + cfg.kl_coef * kl_sum - beta * ent_sum) / tokens, "kl": kl_sum / tokens,
+            "entropy": ent_sum / tokens, "clip_frac": clipped / tokens, "grad_norm": _mean(norms)}
 
 
 def policy_core(policy) -> M.Policy:

@@ -428,17 +428,21 @@ class Policy(nn.Module):
         lengths = attention_mask.sum(-1)
         start = torch.where(sel.any(-1), sel.float().argmax(-1), lengths).tolist()
         lengths, ids_list = lengths.tolist(), input_ids.tolist()
+        per_row = (input_ids == cfg.vision_start_token_id).sum(-1).tolist()  # a row's images are consecutive
+        first = [sum(per_row[:r]) for r in range(b)]
+        # Rows share a prefix when their prompt tokens AND their images are the same: <|image_pad|> is one id
+        # for every image, so two questions with the same text and image size have identical ids.
+        image_of = distinct_images(pixel_values, image_grid_thw)[1] if pixel_values is not None else []
         groups: dict[tuple, int] = {}
         group_of, reps = [], []
         for r in range(b):
-            g = groups.setdefault(tuple(ids_list[r][: start[r]]), len(groups))
+            key = (tuple(ids_list[r][: start[r]]), tuple(image_of[first[r] : first[r] + per_row[r]]))
+            g = groups.setdefault(key, len(groups))
             if g == len(reps):
                 reps.append(r)
             group_of.append(g)
         pv = grid = None
-        if pixel_values is not None:  # the representatives' images (a row's images are consecutive)
-            per_row = (input_ids == cfg.vision_start_token_id).sum(-1).tolist()
-            first = [sum(per_row[:r]) for r in range(b)]
+        if pixel_values is not None:  # the representatives' images
             keep = [i for r in reps for i in range(first[r], first[r] + per_row[r])]
             if keep:
                 blocks = pixel_values.split(image_grid_thw.prod(-1).tolist())
@@ -531,16 +535,13 @@ class Policy(nn.Module):
         return logp, entropy
 
 
-def dedupe_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:  # fmt: skip
-    """A batch's images without repeats: (pixel_values, image_grid_thw, inverse) of the distinct images, where
-    image i of the batch is distinct image inverse[i]; None when every image is distinct. Images compare by
-    grid and exact pixel values (a cheap fingerprint first, then `torch.equal`)."""
+def distinct_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> tuple[list[int], list[int]]:
+    """(keep, inverse) over a batch's images: `keep` the first occurrence of each distinct image, and image i of
+    the batch is distinct image inverse[i]. Images compare by grid and exact pixel values (a cheap fingerprint
+    first, then `torch.equal`)."""
     rows = image_grid_thw.prod(-1).tolist()
-    if len(rows) < 2:
-        return None
     blocks = pixel_values.split(rows)
-    sums = torch.stack([b.sum(dtype=torch.float64) for b in blocks]).tolist()
+    sums = torch.stack([b.sum(dtype=torch.float64) for b in blocks]).tolist() if blocks else []
     first: dict[tuple, list[int]] = {}
     keep, inverse = [], []
     for i, (grid, total) in enumerate(zip(image_grid_thw.tolist(), sums)):
@@ -551,8 +552,19 @@ def dedupe_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
             keep.append(i)
             bucket.append(match)
         inverse.append(match)
-    if len(keep) == len(rows):
+    return keep, inverse
+
+
+def dedupe_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:  # fmt: skip
+    """A batch's images without repeats: (pixel_values, image_grid_thw, inverse) of the distinct images, where
+    image i of the batch is distinct image inverse[i]; None when every image is distinct."""
+    if len(image_grid_thw) < 2:
         return None
+    keep, inverse = distinct_images(pixel_values, image_grid_thw)
+    if len(keep) == len(inverse):
+        return None
+    blocks = pixel_values.split(image_grid_thw.prod(-1).tolist())
     return torch.cat([blocks[i] for i in keep]), image_grid_thw[keep], inverse
 
 
@@ -595,9 +607,24 @@ def shard(policy: Policy, param_dtype: torch.dtype | None = None, reshard_after_
     for layer in policy.model.model.language_model.layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(policy, **kw)
+    init_fsdp_root(policy)
     policy.always_run_vision = True
     policy.reshard_after_forward = reshard_after_forward
     return policy
+
+
+def init_fsdp_root(root: nn.Module) -> None:
+    """Make `root` FSDP2's root now, not at its first forward.
+
+    FSDP2 decides lazily which unit is the root: the first one whose forward runs. A rollout calls the inner HF
+    model (`generate`) before the Policy has ever run, so every inner unit would become a root of its own and
+    the Policy's first forward then fails ("FSDP state has already been lazily initialized for ..."), after a
+    whole rollout step (PITFALLS.md). The root's lazy init is local bookkeeping (no collective), so it runs
+    here, right after sharding, whatever the order of later calls. torch exposes no public call for it."""
+    state = root._get_fsdp_state()
+    state._lazy_init()
+    if not state._is_root:
+        raise RuntimeError("FSDP2 root initialisation failed: the Policy is not the root")
 
 
 def _fsdp_modules(module: nn.Module) -> list[nn.Module]:

@@ -23,16 +23,18 @@ from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 from model import VISION_TOKENS, cache_kwarg, output_cache, position_ids_for
 
 
-def generation_config(tokenizer, temperature: float, top_p: float, max_new_tokens: int):
+def generation_config(tokenizer, temperature: float, top_p: float, max_new_tokens: int) -> GenerationConfig:
     """A complete generation config (temperature 0 = greedy). Nothing may be filled in from the checkpoint's own
     generation_config.json, whose top_k=1 / repetition_penalty=1.05 would make every rollout of a group
-    identical (PITFALLS); vision special tokens are never sampled."""
-    sampling = temperature > 0
+    identical (PITFALLS); vision special tokens are never sampled. Greedy decoding gives the sampling fields
+    transformers' own defaults (temperature 1, top_p 1, top_k 50): left unset, HF `generate` would fill them in
+    from the checkpoint's file; set to anything else, it warns that they are not valid without sampling."""
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    return GenerationConfig(do_sample=sampling, temperature=temperature if sampling else 1.0,
-                            top_p=top_p if sampling else 1.0, top_k=0, repetition_penalty=1.0,
-                            max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                            suppress_tokens=vision_special_ids(tokenizer))  # fmt: skip
+    common = dict(repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                  pad_token_id=tokenizer.pad_token_id, suppress_tokens=vision_special_ids(tokenizer))
+    if temperature > 0:
+        return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
+    return GenerationConfig(do_sample=False, temperature=1.0, top_p=1.0, top_k=50, **common)
 
 
 def split_completion(ids: list[int], eos_ids) -> tuple[list[int], bool]:
@@ -140,7 +142,8 @@ def fast_generate_supported(gc: GenerationConfig) -> bool:
     """Whether `generate` runs `gc` in its own loop (else it hands the call to HF `generate`)."""
     if gc.max_new_tokens is None or gc.eos_token_id is None:
         return False
-    return all(getattr(gc, k, None) in ok for k, ok in _DEFAULT_OK.items())
+    sampling_only = set() if gc.do_sample else {"top_k"}  # greedy: top_k changes nothing
+    return all(getattr(gc, k, None) in ok for k, ok in _DEFAULT_OK.items() if k not in sampling_only)
 
 
 @torch.no_grad()

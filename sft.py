@@ -58,7 +58,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,10 +97,12 @@ class SFTConfig:
     keep_checkpoints: int = 2
     eval_every: int = 50  # optimizer steps between eval_loss measurements (0 = only at the end)
     resume: str = "auto"  # auto: newest checkpoint in out_dir if any; false: start over; or a checkpoint path
-    distributed: str = "auto"  # fsdp | ddp | none; auto: fsdp on GPU, ddp on CPU with several ranks, else none
-    bf16: str = "auto"  # auto: on with CUDA (bf16 compute, fp32 master weights); true | false
+    distributed: str = "fsdp"  # fsdp | ddp: how several processes share the model (one process: neither)
+    dist_timeout_min: int = 180  # collective timeout (minutes)
+    bf16: str = "auto"  # auto: on with CUDA; true | false (bf16 compute, fp32 master weights)
     gradient_checkpointing: bool = False  # 7B: true
     freeze_vision: bool = False  # paper: full fine-tune
+    image_dir: str = ""  # folder for relative image paths ("" = each JSONL file's own folder)
     group_by_length: bool = True  # micro-batches of similar length (less padding)
     prompt: str = D.REASONING_PROMPT  # paper Fig. 5
     placement: str = "system"  # system (paper Fig. 5) | user (released code)
@@ -175,10 +176,8 @@ def validate(cfg: SFTConfig) -> None:
         raise C.ConfigError("set --max_steps > 0 or --epochs > 0")
     if cfg.placement not in D.PLACEMENTS:
         raise C.ConfigError(f"--placement must be one of {D.PLACEMENTS}, got {cfg.placement!r}")
-    if cfg.distributed not in ("auto", "fsdp", "ddp", "none"):
-        raise C.ConfigError(f"--distributed must be auto, fsdp, ddp or none, got {cfg.distributed!r}")
-    if str(cfg.bf16).lower() not in ("auto", "true", "false"):
-        raise C.ConfigError(f"--bf16 must be auto, true or false, got {cfg.bf16!r}")
+    C.check_choice("distributed", cfg.distributed, ("fsdp", "ddp"))
+    C.check_choice("bf16", str(cfg.bf16).lower(), ("auto", "true", "false"))
     if len(cfg.betas) != 2:
         raise C.ConfigError(f"--betas needs two values, got {cfg.betas}")
     if not 0 <= cfg.warmup_ratio < 1:
@@ -215,17 +214,8 @@ def collate(examples: list[Example], pad_id: int, image_token_id: int, device) -
 
 
 def choose_mode(cfg: SFTConfig, d: C.Dist) -> tuple[str, bool]:
-    """(distributed mode, bf16) from the config's auto settings."""
-    cuda = d.device.type == "cuda"
-    mode = cfg.distributed
-    if mode == "auto":
-        mode = "fsdp" if cuda else ("ddp" if d.world > 1 else "none")
-    if mode == "none" and d.world > 1:
-        raise C.ConfigError("--distributed none cannot run under torchrun with several ranks")
-    bf16 = cuda if str(cfg.bf16).lower() == "auto" else str(cfg.bf16).lower() == "true"
-    if mode == "fsdp" and not dist.is_initialized():  # FSDP2 on one process needs a (trivial) process group
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    return mode, bf16
+    """(distributed mode: fsdp | ddp, or none for one process; bf16)."""
+    return (cfg.distributed if d.world > 1 else "none"), C.resolve_bf16(cfg.bf16, d)
 
 
 def wrap(policy: M.Policy, mode: str, bf16: bool, d: C.Dist) -> torch.nn.Module:
@@ -299,7 +289,7 @@ def eval_loss(wrapped, examples: list[Example], cfg: SFTConfig, d: C.Dist, pad_i
 def train(cfg: SFTConfig) -> str:
     """Run the stage; returns the path of the final model."""
     validate(cfg)
-    d = C.init_distributed()
+    d = C.init_distributed(timeout_min=cfg.dist_timeout_min)
     logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
                         format=f"[sft rank {d.rank}] %(levelname)s %(message)s")  # fmt: skip
     mode, bf16 = choose_mode(cfg, d)
@@ -307,8 +297,9 @@ def train(cfg: SFTConfig) -> str:
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     # Data
-    train_rec = D.load_records(cfg.data, require_solution=True, skip_bad=cfg.skip_bad)  # bad input fails fast
-    eval_rec = D.load_records(cfg.eval_data, require_solution=True, skip_bad=cfg.skip_bad) if cfg.eval_data else []
+    load = dict(require_solution=True, skip_bad=cfg.skip_bad, image_dir=cfg.image_dir)
+    train_rec = D.load_records(cfg.data, **load)  # bad input fails fast
+    eval_rec = D.load_records(cfg.eval_data, **load) if cfg.eval_data else []
     model, processor = M.load_model(cfg.model, seed=cfg.seed)
     tok, image_token_id = processor.tokenizer, model.config.image_token_id
     train_ex = build_examples(train_rec, processor, cfg)
@@ -335,18 +326,7 @@ def train(cfg: SFTConfig) -> str:
 
     # Resume
     step, epoch, index, bad_streak, bad_total, elapsed_before = 0, 0, 0, 0, 0, 0.0
-    resume = str(cfg.resume)
-    ckpt = None
-    if resume.lower() in ("auto", "true", "yes", "1"):
-        ckpt = C.latest_checkpoint(cfg.out_dir)
-        if ckpt is None and resume.lower() != "auto":
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint in {cfg.out_dir}/ckpt")
-    elif resume.lower() not in ("false", "no", "0", "never"):
-        ckpt = resume
-        if not os.path.isfile(os.path.join(ckpt, "state.json")):
-            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no state.json)")
-    elif d.main:  # starting over: old checkpoints would otherwise be resumed from later
-        shutil.rmtree(os.path.join(cfg.out_dir, "ckpt"), ignore_errors=True)
+    ckpt = C.resolve_resume(cfg.resume, cfg.out_dir, d)
     if ckpt:
         state = C.load_checkpoint(ckpt, wrapped, optimizer, d)
         step, epoch, index = state["step"], state["epoch"], state["index"]

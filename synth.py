@@ -41,7 +41,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -585,54 +584,29 @@ def tokenizer_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def _usage() -> str:
-    lines = ["usage: python synth.py --out_dir DIR [--key=value | --key value ...]", "", "fields:"]
-    for f in dataclasses.fields(SynthConfig):
-        lines.append(f"  --{f.name} ({f.type}, default {f.default}): {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+@dataclass
+class SynthCommand(SynthConfig):
+    """python data.py synth --out_dir DIR [--key=value ...]: write the built-in synthetic task (CONTRACT)."""
 
-
-def parse_args(argv: list[str]) -> tuple[str, SynthConfig]:
-    """(out_dir, config) from `--key=value` / `--key value` tokens; unknown keys and bad values exit."""
-    types = {f.name: f.type for f in dataclasses.fields(SynthConfig)}
-    values: dict[str, object] = {}
-    out_dir, i = None, 0
-    while i < len(argv):
-        tok = argv[i]
-        if not tok.startswith("--"):
-            raise SystemExit(f"synth: unexpected argument {tok!r} (options are --key=value)")
-        key, eq, val = tok[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(argv):
-                raise SystemExit(f"synth: --{key} needs a value")
-            val, i = argv[i + 1], i + 1
-        i += 1
-        if key == "out_dir":
-            out_dir = val
-            continue
-        if key not in types:
-            raise SystemExit(f"synth: unknown key '{key}' (see --help)")
-        try:
-            values[key] = int(val) if types[key] == "int" else float(val) if types[key] == "float" else val
-        except ValueError:
-            raise SystemExit(f"synth: --{key}: {val!r} is not a valid {types[key]}") from None
-    if out_dir is None:
-        raise SystemExit("synth: --out_dir is required")
-    return out_dir, SynthConfig(**values)  # type: ignore[arg-type]
+    out_dir: str = field(default="", metadata={"help": "folder for the six JSONL splits and images/ (required)"})
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(_usage())
-        return
-    out_dir, cfg = parse_args(argv)
+    import common as C
+
+    try:
+        args = C.parse_config(SynthCommand, argv)
+        if not args.out_dir:
+            raise C.ConfigError("--out_dir is required")
+    except C.ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    cfg = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)})
     t0 = time.time()
     try:
-        counts = write_synth(out_dir, cfg)
+        counts = write_synth(args.out_dir, cfg)
     except ValueError as e:
-        raise SystemExit(str(e)) from None
-    print(f"synth: wrote {counts} to {out_dir} in {time.time() - t0:.1f}s")
+        raise SystemExit(f"error: {e}") from None
+    print(f"synth: wrote {counts} to {args.out_dir} in {time.time() - t0:.1f}s")
 
 
 if __name__ == "__main__":

@@ -29,11 +29,12 @@ GOOD = {"id": "g", "problem": "What is 1 plus 2?", "answer": "3"}
         ({"id": "a", "problem": 5, "answer": "3"}, "problem", "must be a string"),
         ({"id": "a", "problem": "p", "answer": 3}, "answer", "must be a string"),
         ({"id": "a", "problem": "p", "answer": "3", "choices": "A"}, "choices", "list of strings"),
-        ({"id": "a", "problem": "p", "answer": "3", "images": "x.png"}, "images", "list of relative paths"),
+        ({"id": "a", "problem": "p", "answer": "3", "images": "x.png"}, "images", "list of image paths"),
+        ({"id": "a", "problem": "p", "answer": "3", "images": [""]}, "images", "list of image paths"),
         ({"id": "a", "problem": "look <|image_pad|>", "answer": "3"}, "problem", "vision special token"),
         ({"id": "a", "problem": "p", "answer": "3", "images": ["missing.png"]}, "images", "not found"),
-        ({"id": "a", "problem": "p", "answer": "3", "images": ["../outside.png"]}, "images", "escapes"),
-        ({"id": "a", "problem": "p", "answer": "3", "images": ["/etc/passwd"]}, "images", "escapes"),
+        ({"id": "a", "problem": "p", "answer": "3", "images": ["/no/such/dir/q1.png"]}, "images", "not found"),
+        ({"id": "a", "problem": "p", "answer": "3", "images": ["/etc/passwd"]}, "images", "cannot decode"),
         ({"id": "a", "problem": "p", "answer": "3", "images": ["corrupt.png"]}, "images", "cannot decode"),
     ],
 )
@@ -45,6 +46,23 @@ def test_bad_records_name_file_line_and_field(tmp_path, row, field, needle):
         D.load_records(path)
     msg = str(e.value)
     assert f"{path}:2" in msg and f"'{field}'" in msg and needle in msg, msg
+
+
+def test_image_paths_absolute_relative_to_the_file_or_to_image_dir(tmp_path):
+    """Absolute paths (LLaMA-Factory / EasyR1 style data), paths relative to the JSONL file (also `..`), and
+    `image_dir` for datasets that keep their images elsewhere."""
+    data, elsewhere = tmp_path / "data", tmp_path / "images"
+    data.mkdir()
+    elsewhere.mkdir()
+    beside = make_image(str(tmp_path / "beside.png"), color="blue")
+    far = make_image(str(elsewhere / "q1.png"), color="green")
+    rows = [dict(GOOD, id="abs", images=[far]), dict(GOOD, id="up", images=["../beside.png"])]
+    recs = D.load_records(write_jsonl(data / "d.jsonl", rows))
+    assert [r.images for r in recs] == [[far], [beside]]
+    recs = D.load_records(write_jsonl(data / "e.jsonl", [dict(GOOD, images=["q1.png"])]), image_dir=str(elsewhere))
+    assert recs[0].images == [far]
+    with pytest.raises(D.DataError, match=r"e.jsonl:1: field 'images': image file not found"):
+        D.load_records(str(data / "e.jsonl"))  # without image_dir: looked for beside the file
 
 
 def test_invalid_json_and_missing_solution_and_duplicate_ids(tmp_path):

@@ -299,3 +299,47 @@ def test_update_trains_exactly_the_kept_tokens(tiny, tmp_path, monkeypatch):
     assert seen["targets"] == sum(len(s.completion) for s in kept)
     assert seen["tokens"] == sum(len(encoded[s.rec].input_ids) + len(s.completion) for s in kept)
     assert any(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+def test_non_finite_update_is_skipped_and_the_run_goes_on(tiny, tmp_path):
+    """A NaN reaching the loss (here a NaN advantage) never reaches the weights or AdamW's moments: the update is
+    skipped and counted, the next finite update steps as usual, and `max_bad_steps` in a row stop the run."""
+    from common import Dist, NonFiniteError
+
+    _, p = tiny
+    m = M.build_tiny("tiny", seed=0)[0]
+    recs = _records(tmp_path)
+    encoded = {i: D.encode_prompt(r, p) for i, r in enumerate(recs)}
+    im_end = p.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def batch(nan: bool) -> list:
+        out = []
+        for i in range(4):
+            s = G.Sample(rec=i % 2, completion=[11 + i, 12, 13, im_end], text="", truncated=False)
+            s.advantage, s.times_drawn = (float("nan") if nan and i == 0 else (1.0 if i % 2 else -1.0)), 1
+            out.append(s)
+        return out
+
+    policy = M.Policy(m)
+    params = list(policy.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    cfg = G.GRPOConfig(mini_batch=4, micro_batch=2, entropy_warmup=0, max_bad_steps=2)
+    run = lambda samples, bad: G.update(policy, None, samples, recs, encoded, p, D.REASONING_PROMPT, "system",  # noqa: E731
+                                        cfg, Dist(), 0.0, torch.Generator().manual_seed(0), params, opt, bad)
+    bad = {"streak": 0, "total": 0}
+    stats = run(batch(False), bad)  # a first real step, so AdamW has moments to protect
+    assert stats["updates"] == 1 and stats["skipped_updates"] == 0
+    weights = [q.detach().clone() for q in params]
+    moments = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    stats = run(batch(True), bad)
+    assert stats["updates"] == 0 and stats["skipped_updates"] == 1 and bad == {"streak": 1, "total": 1}
+    assert all(torch.equal(a, b) for a, b in zip(weights, params)), "a NaN update reached the weights"
+    assert all(torch.equal(moments[k], v) for k, v in opt.state[params[0]].items())
+    assert all(q.grad is None for q in params)  # freed after the step, skipped or not
+    assert math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])
+    stats = run(batch(False), bad)  # the run goes on
+    assert stats["updates"] == 1 and bad == {"streak": 0, "total": 1}
+    assert any(not torch.equal(a, b) for a, b in zip(weights, params))
+    run(batch(True), bad)
+    with pytest.raises(NonFiniteError, match="2 non-finite optimizer steps in a row"):
+        run(batch(True), bad)

@@ -130,6 +130,43 @@ def test_policy_logprobs_equal_generate_logits_for_image_prompts(tiny, tmp_path)
     assert not torch.equal(pos[1], pos[0])
 
 
+def test_shared_prefix_keys_on_the_images_too(tiny, tmp_path):
+    """Two records with the same question and the same image size but different pixels have identical prompt
+    ids (<|image_pad|> is one id for every image). In a GRPO batch sharing prefixes, each row's log-probs must
+    still be its own: equal to the row computed alone, to 1e-5."""
+    m, p = tiny
+    from PIL import Image, ImageDraw
+
+    recs = []
+    for k, (color, box) in enumerate((("red", (4, 4, 30, 30)), ("blue", (20, 24, 52, 50)))):
+        im = Image.new("RGB", (56, 56), "white")
+        ImageDraw.Draw(im).ellipse(box, fill=color)
+        im.save(tmp_path / f"{k}.png")
+        recs.append(D.Record(id=str(k), problem="Add the two numbers shown.", answer="3",
+                             images=[str(tmp_path / f"{k}.png")], source=f"t:{k}"))
+    enc = [D.encode_prompt(r, p) for r in recs]
+    assert enc[0].input_ids == enc[1].input_ids and not torch.equal(enc[0].pixel_values, enc[1].pixel_values)
+    # two groups of two samples (prompt, completion), as a GRPO micro-batch holds them
+    rows = [(0, [5, 6, 7, 8]), (0, [5, 6, 7]), (1, [9, 8, 7, 6]), (1, [9, 8])]
+
+    def logprobs(policy, rows):
+        b = D.collate_sequences([enc[i] for i, _ in rows], [c for _, c in rows], p.tokenizer.pad_token_id,
+                                m.config.image_token_id)
+        with torch.no_grad():
+            logp, _ = policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"],
+                             b["image_grid_thw"], b["mm_token_type_ids"])
+        return [logp[j][b["target_mask"][j]] for j in range(len(rows))]
+
+    alone = [logprobs(M.Policy(m), [row])[0] for row in rows]
+    # the premise: the image changes the numbers, so a key without it would score row 2 on row 0's image
+    other_image = logprobs(M.Policy(m), [(0, rows[2][1])])[0]
+    assert (other_image - alone[2]).abs().max() > 1e-3
+    shared = M.Policy(m)
+    shared.share_prefix = shared.dedupe_images = True
+    for i, got in enumerate(logprobs(shared, rows)):
+        assert torch.allclose(got, alone[i], atol=1e-5), (i, (got - alone[i]).abs().max())
+
+
 def test_policy_gradient_matches_unchunked_full_logits(tiny, tmp_path):
     m, p = tiny
     m = M.build_tiny("tiny", seed=0)[0]
