@@ -425,6 +425,8 @@ def train(cfg: GRPOConfig) -> str:
         state = C.load_checkpoint(ckpt, policy, opt, d)
         start, sampler = state["step"], PromptSampler(len(records), cfg.seed, **state["sampler"])
         bad = state.get("bad", bad)
+        if d.main:
+            print(f"[{cfg.stage}] resumed from {ckpt} (step {start})", flush=True)
     metrics, rollouts_log = (C.JsonlLog(os.path.join(cfg.out_dir, f), d.main) for f in ("metrics.jsonl", "rollouts.jsonl"))
     metrics.truncate_after(start)
     rollouts_log.truncate_after(start)
