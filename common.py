@@ -55,6 +55,8 @@ def _convert(name: str, tp, raw):
     if not isinstance(raw, str):  # YAML already typed it
         if tp is float and isinstance(raw, int):
             return float(raw)
+        if tp is str:  # `bf16: true` or `resume: false` in YAML: the field's own spelling
+            return str(raw).lower() if isinstance(raw, bool) else str(raw)
         return raw
     try:
         if tp is bool:
@@ -93,6 +95,11 @@ def _field_help(cls) -> dict[str, str]:
     return out
 
 
+def type_name(tp) -> str:
+    """`int`, `float`, `list[float]`, `int|None`: one word, as --help prints it."""
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace(" ", "")
+
+
 def config_help(cls) -> str:
     """The one help format of every command: each field with its type, default and help."""
     hints = typing.get_type_hints(cls)
@@ -100,7 +107,7 @@ def config_help(cls) -> str:
     lines = [f"{cls.__doc__ or cls.__name__}", "", "Fields (--key=value or --key value; --config FILE.yaml sets several):"]
     for f in fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        tp = type_name(hints[f.name])
         lines.append(f"  --{f.name:<24} {tp:<12} default {default!r:<14} {helps.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 

@@ -63,8 +63,8 @@ class EvalConfig:
     bench: str = ""  # LABEL=PATH[,LABEL=PATH...]; LABEL a benchmark name or any label for project JSONL
     out_dir: str = "out/eval"
     samples: int | None = None  # K per item; None = benchmark default (8 for aime24/aime25, else 1)
-    temperature: float | None = None  # None: 1.0 when K > 1, else 0 (greedy)
-    top_p: float | None = None  # None: 0.95 when sampling
+    temperature: float = -1.0  # < 0: the benchmark's default (1.0 when K > 1, else 0 = greedy)
+    top_p: float = -1.0  # < 0: 0.95 when sampling, else 1
     max_new_tokens: int = 4096
     batch_size: int = 16  # prompts per generate call (per rank)
     prompt: str = ""  # "" = the prompt recorded in the model's revisual.json (else the paper's Fig. 5 prompt)
@@ -390,9 +390,7 @@ def main(cfg: EvalConfig) -> dict | None:
     d = init_distributed(timeout_min=cfg.dist_timeout_min)
     dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (torch.bfloat16 if d.device.type == "cuda"
                                                                    else torch.float32)  # fmt: skip
-    recorded = M.read_training_metadata(cfg.model) if os.path.isdir(cfg.model) else {}
-    prompt = cfg.prompt or recorded.get("prompt") or D.REASONING_PROMPT
-    placement = cfg.placement or recorded.get("placement") or "system"
+    prompt, placement = M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement)
     pred_path = os.path.join(cfg.out_dir, "predictions.jsonl")
     done = None
     if d.main:
@@ -407,8 +405,8 @@ def main(cfg: EvalConfig) -> dict | None:
     jobs = {}
     for label, records in loaded:
         k = cfg.samples or (B.BENCHMARKS[label].samples if label in B.BENCHMARKS else 1)
-        temperature = cfg.temperature if cfg.temperature is not None else (1.0 if k > 1 else 0.0)
-        top_p = cfg.top_p if cfg.top_p is not None else (0.95 if temperature > 0 else 1.0)
+        temperature = cfg.temperature if cfg.temperature >= 0 else (1.0 if k > 1 else 0.0)
+        top_p = cfg.top_p if cfg.top_p >= 0 else (0.95 if temperature > 0 else 1.0)
         if cfg.blank_images:
             records = B.blank_record_images(records, os.path.join(cfg.out_dir, "images_blank"))
         jobs[label] = {(r.id, s) for r in records for s in range(k)}

@@ -348,9 +348,7 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
     """Load the starting model; shard (FSDP2) or wrap (DDP) it when distributed. Returns
     (policy to train, its Policy core, processor, prompt, placement, reference Policy or None)."""
     hf, processor = M.load_model(cfg.model, device=d.device, seed=cfg.seed)
-    meta = M.read_training_metadata(cfg.model) if os.path.isdir(cfg.model) else {}
-    prompt = cfg.prompt or meta.get("prompt") or D.REASONING_PROMPT
-    placement = cfg.placement or meta.get("placement") or "system"
+    prompt, placement = M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement)
     if cfg.freeze_vision:
         M.freeze_vision(hf)
     M.set_gradient_checkpointing(hf, cfg.gradient_checkpointing)

@@ -273,6 +273,16 @@ def read_training_metadata(path: str) -> dict:
         return json.load(f)
 
 
+def recorded_prompt(model: str, prompt: str = "", placement: str = "") -> tuple[str, str]:
+    """(prompt, placement) for a stage starting from `model`: the ones given, else those the checkpoint was
+    trained with (revisual.json), else the paper's Fig. 5 prompt in the system turn (PAPER.md: one placement
+    for every stage, recorded with the model)."""
+    from data import REASONING_PROMPT
+
+    meta = read_training_metadata(model) if os.path.isdir(model) else {}
+    return prompt or meta.get("prompt") or REASONING_PROMPT, placement or meta.get("placement") or "system"
+
+
 def save_model(model: nn.Module, processor, out_dir: str, metadata: dict | None = None,
                state_dict: dict | None = None) -> None:  # fmt: skip
     """Hugging Face format, atomically: written to `out_dir.tmp`, then renamed over `out_dir`.

@@ -104,8 +104,8 @@ class SFTConfig:
     freeze_vision: bool = False  # paper: full fine-tune
     image_dir: str = ""  # folder for relative image paths ("" = each JSONL file's own folder)
     group_by_length: bool = True  # micro-batches of similar length (less padding)
-    prompt: str = D.REASONING_PROMPT  # paper Fig. 5
-    placement: str = "system"  # system (paper Fig. 5) | user (released code)
+    prompt: str = ""  # "" = what the starting checkpoint was trained with (else the paper's Fig. 5 prompt)
+    placement: str = ""  # system (paper Fig. 5) | user (released code); "" = as the checkpoint recorded (else system)
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
     skip_bad: bool = False  # drop (and count) bad or too-long records instead of stopping
     chunk_size: int = 1024  # tokens per lm_head chunk of the log-prob computation
@@ -174,8 +174,7 @@ def validate(cfg: SFTConfig) -> None:
             raise C.ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.max_steps < 0 or cfg.epochs <= 0 and cfg.max_steps == 0:
         raise C.ConfigError("set --max_steps > 0 or --epochs > 0")
-    if cfg.placement not in D.PLACEMENTS:
-        raise C.ConfigError(f"--placement must be one of {D.PLACEMENTS}, got {cfg.placement!r}")
+    C.check_choice("placement", cfg.placement, ("", *D.PLACEMENTS))
     C.check_choice("distributed", cfg.distributed, ("fsdp", "ddp"))
     C.check_choice("bf16", str(cfg.bf16).lower(), ("auto", "true", "false"))
     if len(cfg.betas) != 2:
@@ -186,7 +185,8 @@ def validate(cfg: SFTConfig) -> None:
 
 def build_examples(records: list[D.Record], processor, cfg: SFTConfig) -> list[Example]:
     """Encode prompts (images processed once) and solutions; enforce max_len (error, or drop with skip_bad)."""
-    prompts = D.encode_all(records, processor, cfg.prompt, cfg.placement, skip_bad=cfg.skip_bad)
+    prompt, placement = M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement)
+    prompts = D.encode_all(records, processor, prompt, placement, skip_bad=cfg.skip_bad)
     out, dropped = [], 0
     for p in prompts:
         ex = Example(p, D.encode_completion(p.record.solution or "", processor.tokenizer))
@@ -289,6 +289,7 @@ def eval_loss(wrapped, examples: list[Example], cfg: SFTConfig, d: C.Dist, pad_i
 def train(cfg: SFTConfig) -> str:
     """Run the stage; returns the path of the final model."""
     validate(cfg)
+    cfg = dataclasses.replace(cfg, **dict(zip(("prompt", "placement"), M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement))))
     d = C.init_distributed(timeout_min=cfg.dist_timeout_min)
     logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
                         format=f"[sft rank {d.rank}] %(levelname)s %(message)s")  # fmt: skip

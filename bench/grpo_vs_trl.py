@@ -16,8 +16,9 @@ side is left out. Both workers use the same number of threads (default 1: with t
 two-core machine a step can take 10x longer, and the noise swamps the comparison).
 
 TRL lives in a virtual environment that this script creates on first use (`.venv-trl/` at the repository root,
-ignored by git; or $TRL_VENV): `--system-site-packages` reuses the installed torch and transformers, and a
-constraint file pins both, so pip never pulls another torch. TRL is never a dependency of the project.
+ignored by git; or $TRL_VENV) that sees exactly the running environment's packages (`make_env`: the installed
+torch and transformers are reused, also when this runs from a venv), and a constraint file pins both, so pip
+never pulls another torch. TRL is never a dependency of the project.
 
 Our side is grpo_mm's own code: `grpo_mm.rollout` (sampling.py's `generate`: our decode loop with an exact top-p
 sampler that does not sort the 151k vocabulary, each prompt prefilled once per group), its advantages,
@@ -213,6 +214,36 @@ def trl_worker(a) -> None:
 # The parent: venv, data, workers, alternation
 
 
+def running_site_dirs() -> list[str]:
+    """The site-packages folders of the running interpreter (a venv, conda or the system), in import order."""
+    import site
+
+    dirs = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def make_env(venv: str, install: list[str], constraints: str | None = None) -> str:
+    """A virtual environment that sees exactly the running environment's packages, plus `install` in its own
+    site-packages (which come first). Returns its python.
+
+    `python -m venv --system-site-packages` is not that: run from inside a venv it exposes the BASE interpreter's
+    packages, not the running venv's (PITFALLS.md). Instead a .pth file in the new venv adds every site folder of
+    the running interpreter with `site.addsitedir` (so their own .pth files, editable installs included, apply
+    too), and pip, which reads installed packages from sys.path, installs only what is missing."""
+    import venv as venv_module
+
+    venv_module.create(venv, with_pip=bool(install), clear=True)
+    py = os.path.join(venv, "bin", "python")
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(purelib, "_running_env.pth"), "w") as f:
+        f.writelines(f"import site; site.addsitedir({d!r})\n" for d in running_site_dirs())
+    if install:
+        cmd = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check", *install]
+        subprocess.run(cmd + (["-c", constraints] if constraints else []), check=True)
+    return py
+
+
 def trl_python() -> str:
     """The TRL venv's python, creating the venv on first use (never pulling another torch)."""
     import torch
@@ -220,7 +251,7 @@ def trl_python() -> str:
 
     venv = os.environ.get("TRL_VENV", os.path.join(ROOT, ".venv-trl"))
     py = os.path.join(venv, "bin", "python")
-    probe = "import trl, torch, transformers; print(trl.__version__, torch.__version__, transformers.__version__)"
+    probe = "import trl, torch, transformers, PIL; print(trl.__version__, torch.__version__, transformers.__version__)"
     want = f"{TRL_VERSION} {torch.__version__} {transformers.__version__}"
 
     def ok() -> bool:
@@ -230,11 +261,9 @@ def trl_python() -> str:
     if os.path.exists(py) and ok():
         return py
     print(f"creating the TRL environment in {venv} (trl {TRL_VERSION}, reusing torch {torch.__version__})", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(f"torch=={torch.__version__.split('+')[0]}\ntransformers=={transformers.__version__}\n")
-    subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", f"trl=={TRL_VERSION}",
-                    "-c", f.name], check=True)  # fmt: skip
+    make_env(venv, [f"trl=={TRL_VERSION}"], constraints=f.name)
     os.unlink(f.name)
     if not ok():
         r = subprocess.run([py, "-c", probe], capture_output=True, text=True)
@@ -245,7 +274,7 @@ def trl_python() -> str:
 class Worker:
     def __init__(self, python: str, side: str, a, model: str, data: str, log):
         cmd = [python, os.path.abspath(__file__), "--worker", side, "--model", model, "--data", data]
-        for k in ("prompts", "n", "max_new_tokens", "threads", "temperature", "top_p", "lr"):
+        for k in ("prompts", "group_size", "max_new_tokens", "threads", "temperature", "top_p", "lr"):
             cmd += [f"--{k}", str(getattr(a, k))]
         env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")  # fmt: skip

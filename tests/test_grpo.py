@@ -91,6 +91,9 @@ def test_pad_modes_filter_off_released():
     eligible = torch.tensor([True, True, False, True, True])
     drawn, size_e, _ = G.pad_select(adv, "filter", 0.03, math.inf, 1.0, 0.5, g, eligible)
     assert drawn.tolist() == [0, 1, 0, 1, 1]
+    # off + truncation="mask": the truncated one is not trained, and |E| is still N (CONTRACT: pad_effective)
+    drawn, size_e, _ = G.pad_select(adv, "off", 0.03, math.inf, 1.0, 0.5, g, eligible)
+    assert drawn.tolist() == [1, 1, 0, 1, 1] and size_e == 5
 
 
 def test_pad_tau_linear_schedule():
