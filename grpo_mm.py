@@ -346,35 +346,45 @@ def forward_logprobs(policy, b: dict, temperature: float, with_entropy: bool = F
 
 def setup_policy(cfg: GRPOConfig, d: C.Dist):
     """Load the starting model; shard (FSDP2) or wrap (DDP) it when distributed. Returns
-    (policy to train, its Policy core, processor, prompt, placement, reference Policy or None)."""
-    hf, processor = M.load_model(cfg.model, device=d.device, seed=cfg.seed)
-    prompt, placement = M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement)
-    if cfg.freeze_vision:
-        M.freeze_vision(hf)
-    M.set_gradient_checkpointing(hf, cfg.gradient_checkpointing)
-    core = M.Policy(hf)
-    # A group's n sequences share one prompt: its image through the vision tower once and its prompt through
-    # the decoder once (model.py; equal to the plain forward up to summation order).
-    core.dedupe_images = core.share_prefix = True
-    ref = None
-    if cfg.kl_coef > 0:  # the stage's starting model, frozen; only loaded when the KL term is on
-        ref = M.Policy(M.load_model(cfg.model, device=d.device, seed=cfg.seed)[0]).eval().requires_grad_(False)
-        ref.dedupe_images = ref.share_prefix = True
+    (policy to train, its Policy core, processor, prompt, placement, reference Policy or None).
+
+    A checkpoint directory is read by rank 0 alone; the other ranks build on the meta device and receive the
+    weights into their shards (FSDP) or replicas (DDP), so a node holds one full host copy at a time. The
+    reference model (KL on) is loaded only after the policy is sharded, for the same reason."""
+    fsdp = d.on and cfg.distributed == "fsdp"
+    from_rank0 = d.on and os.path.isdir(cfg.model)
     use_bf16 = C.resolve_bf16(cfg.bf16, d)
-    bf16 = torch.bfloat16 if use_bf16 else None
+
+    def load_and_place(trainable: bool) -> M.Policy:
+        hf = M.load_weights(cfg.model, seed=cfg.seed, on_meta=from_rank0 and not d.main)
+        if trainable:
+            if cfg.freeze_vision:
+                M.freeze_vision(hf)
+            M.set_gradient_checkpointing(hf, cfg.gradient_checkpointing)
+        policy = M.Policy(hf)
+        if not trainable:
+            policy.eval().requires_grad_(False)
+        # A group's n sequences share one prompt: its image through the vision tower once and its prompt
+        # through the decoder once (model.py; equal to the plain forward up to summation order).
+        policy.dedupe_images = policy.share_prefix = True
+        if fsdp:
+            M.shard(policy, param_dtype=torch.bfloat16 if use_bf16 else None, from_rank0=from_rank0)
+        else:
+            M.place_replica(policy, d.device, from_rank0)
+            # bf16 without FSDP's mixed precision (one process, or DDP): autocast; weights stay fp32.
+            policy.autocast_bf16 = use_bf16
+            policy.always_run_vision = d.on  # DDP: every rank uses the same parameters in every step
+        return policy
+
+    core = load_and_place(trainable=True)
+    processor = M.build_tiny(cfg.model, cfg.seed)[1] if cfg.model in ("tiny", "tiny-qwen") else M.load_processor(cfg.model)
+    prompt, placement = M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement)
+    # the stage's starting model, frozen; only loaded when the KL term is on
+    ref = load_and_place(trainable=False) if cfg.kl_coef > 0 else None
     policy = core
-    # bf16 without FSDP's mixed precision (one process, or DDP): autocast; the weights stay fp32 either way.
-    core.autocast_bf16 = use_bf16 and not (d.on and cfg.distributed == "fsdp")
-    if d.on and cfg.distributed == "fsdp":
-        M.shard(core, param_dtype=bf16)
-        if ref is not None:
-            M.shard(ref, param_dtype=bf16)
-    elif d.on:
+    if d.on and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        core.always_run_vision = True  # every rank runs the vision tower, so DDP sees the same parameters used
-        if ref is not None:
-            ref.always_run_vision = True
         policy = DDP(core)
     return policy, core, processor, prompt, placement, ref
 

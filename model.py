@@ -251,17 +251,38 @@ def build_tiny(kind: str = "tiny", seed: int = 0) -> tuple[Qwen2_5_VLForConditio
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
-               ) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyProcessor]:  # fmt: skip
-    """`tiny`, `tiny-qwen`, or a Hugging Face checkpoint directory (no remote code, no hub access)."""
-    if name in ("tiny", "tiny-qwen"):
+               on_meta: bool = False) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyProcessor]:
+    """(model, processor) of `tiny`, `tiny-qwen`, or a Hugging Face checkpoint directory (see `load_weights`)."""
+    if name in ("tiny", "tiny-qwen"):  # built from the seed on every rank: identical, and a few MB
         model, processor = build_tiny(name, seed)
         return model.to(device=device, dtype=dtype), processor
+    return load_weights(name, dtype, device, seed, on_meta), load_processor(name)
+
+
+def load_weights(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
+                 on_meta: bool = False) -> Qwen2_5_VLForConditionalGeneration:
+    """The model alone (no tokenizer: a reference model needs none): `tiny`, `tiny-qwen`, or a Hugging Face
+    checkpoint directory (no remote code, no hub access).
+
+    `on_meta=True` (a checkpoint directory only) builds the architecture on the meta device without reading a
+    weight: the ranks other than 0 of a distributed run, whose shards or replicas `shard(..., from_rank0=True)` /
+    `place_replica(..., from_rank0=True)` fill from rank 0's copy, so a node holds one full host copy of the
+    weights, not one per rank."""
+    if name in ("tiny", "tiny-qwen"):
+        return build_tiny(name, seed)[0].to(device=device, dtype=dtype)
     if not os.path.isdir(name):
         raise FileNotFoundError(f"model {name!r}: not a directory (expected 'tiny', 'tiny-qwen' or a HF checkpoint)")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    if on_meta:
+        config = Qwen2_5_VLConfig.from_pretrained(name, local_files_only=True)
+        with torch.device("meta"):
+            model = Qwen2_5_VLForConditionalGeneration._from_config(
+                config, attn_implementation=attention_implementation(), dtype=dtype)
+        if os.path.isfile(os.path.join(name, "generation_config.json")):
+            model.generation_config = GenerationConfig.from_pretrained(name, local_files_only=True)
+        return model
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
         name, dtype=dtype, attn_implementation=attention_implementation(), trust_remote_code=False,
-        local_files_only=True).to(device)  # fmt: skip
-    return model, load_processor(name)
+        local_files_only=True).to(device)
 
 
 def read_training_metadata(path: str) -> dict:
@@ -603,13 +624,23 @@ def freeze_vision(model: Qwen2_5_VLForConditionalGeneration, frozen: bool = True
         p.requires_grad_(not frozen)
 
 
-def shard(policy: Policy, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> Policy:
+def shard(policy: Policy, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+          from_rank0: bool = False) -> Policy:
     """FSDP2: one unit per vision block and per decoder layer, then the root (the Policy, which owns the
     embeddings, the vision patch embed/merger and lm_head). With `param_dtype=bf16` the compute runs in bf16
     while the sharded master weights, gradients and optimizer state stay fp32 (PITFALLS: at lr 1e-6 a bf16
-    weight update is lost) and gradients are reduced in fp32."""
+    weight update is lost) and gradients are reduced in fp32.
+
+    `from_rank0`: rank 0 holds the loaded weights (on the host), every other rank the same architecture on the
+    meta device (`load_model(..., on_meta=True)`). The model is sharded first (each rank keeps only its shard,
+    on its device; no unsharded model is ever moved to a device), then rank 0's weights are broadcast into
+    the shards one tensor at a time (`set_model_state_dict(..., broadcast_from_rank0=True)`, as verl and
+    torchtitan do), then the buffers (rotary frequencies, not in the state dict). Host memory: rank 0 one full
+    copy while it loads; every other rank its shard plus the largest single tensor in flight."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    full = policy.state_dict() if from_rank0 and dist.get_rank() == 0 else {}  # references, not copies
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kw = {"mp_policy": mp} if mp else {}
     for block in policy.model.model.visual.blocks:
@@ -617,10 +648,66 @@ def shard(policy: Policy, param_dtype: torch.dtype | None = None, reshard_after_
     for layer in policy.model.model.language_model.layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(policy, **kw)
+    if from_rank0:
+        _fill_shards_from_rank0(policy, full)
+    del full
     init_fsdp_root(policy)
     policy.always_run_vision = True
     policy.reshard_after_forward = reshard_after_forward
     return policy
+
+
+def place_replica(module: nn.Module, device: torch.device, from_rank0: bool = False) -> nn.Module:
+    """A whole copy of the model on `device` (one process, or a DDP replica). `from_rank0`: the ranks that built
+    on the meta device allocate their copy on the device and receive every parameter and buffer from rank 0."""
+    if not from_rank0:
+        return module.to(device)
+    import torch.distributed as dist
+
+    if next(module.parameters()).device.type == "meta":
+        module.to_empty(device=device)
+    else:
+        module.to(device)
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+    _retie_rotary(module)
+    return module
+
+
+def _retie_rotary(module: nn.Module) -> None:
+    for m in module.modules():  # HF rotary modules keep a second reference to their frequencies
+        if hasattr(m, "original_inv_freq") and hasattr(m, "inv_freq"):
+            m.original_inv_freq = m.inv_freq
+
+
+def _fill_shards_from_rank0(policy: Policy, full: dict[str, torch.Tensor]) -> None:
+    """Rank 0's full tensors (`full`, empty elsewhere) into every rank's shards, one tensor at a time:
+    `distribute_tensor(..., src_data_rank=0)` scatters rank 0's data, and each rank copies its piece into its
+    shard at once. (`set_model_state_dict(broadcast_from_rank0=True)` does the same but keeps every new shard
+    until the end, a second copy of the shards at its peak.)"""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    device = next(p for p in policy.parameters()).device
+    if device.type == "meta":  # the ranks that built on meta: allocate their shards (values follow)
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        policy.to_empty(device=device)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if isinstance(param, DTensor):
+                src = full[name].to(device) if dist.get_rank() == 0 else torch.empty(param.shape, dtype=param.dtype,
+                                                                                     device=device)
+                piece = distribute_tensor(src, param.device_mesh, param.placements, src_data_rank=0)
+                param.to_local().copy_(piece.to_local())
+                full.pop(name, None)  # rank 0: the full tensor is released as soon as it is scattered
+                del src, piece
+            else:
+                param.copy_(full[name]) if dist.get_rank() == 0 else None
+                dist.broadcast(param.data, src=0)
+        for _, buf in policy.named_buffers():
+            dist.broadcast(buf, src=0)
+    _retie_rotary(policy)
 
 
 def init_fsdp_root(root: nn.Module) -> None:

@@ -218,15 +218,17 @@ def choose_mode(cfg: SFTConfig, d: C.Dist) -> tuple[str, bool]:
     return (cfg.distributed if d.world > 1 else "none"), C.resolve_bf16(cfg.bf16, d)
 
 
-def wrap(policy: M.Policy, mode: str, bf16: bool, d: C.Dist) -> torch.nn.Module:
+def wrap(policy: M.Policy, mode: str, bf16: bool, d: C.Dist, from_rank0: bool = False) -> torch.nn.Module:
+    """Shard (fsdp), replicate (ddp) or place (one process) the policy; `from_rank0`: only rank 0 read the
+    checkpoint, the other ranks built on the meta device and receive its weights (model.shard/place_replica)."""
     # A micro-batch without an image runs the tower on a dummy image (output x 0), in every mode: FSDP2's
     # all-gathers then match across ranks, DDP needs no find_unused_parameters, and the tower always gets a
     # (zero) gradient, so AdamW treats it the same whatever the world size (a None gradient would skip its
     # moment update on one process but not on two). With weight_decay > 0 this also decays an unused tower.
     policy.always_run_vision = True
     if mode == "fsdp":
-        return M.shard(policy, param_dtype=torch.bfloat16 if bf16 else None)
-    policy.to(d.device)
+        return M.shard(policy, param_dtype=torch.bfloat16 if bf16 else None, from_rank0=from_rank0)
+    M.place_replica(policy, d.device, from_rank0)
     if mode == "ddp":
         return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if d.device.type == "cuda"
                                                          else None)  # fmt: skip
@@ -301,7 +303,8 @@ def train(cfg: SFTConfig) -> str:
     load = dict(require_solution=True, skip_bad=cfg.skip_bad, image_dir=cfg.image_dir)
     train_rec = D.load_records(cfg.data, **load)  # bad input fails fast
     eval_rec = D.load_records(cfg.eval_data, **load) if cfg.eval_data else []
-    model, processor = M.load_model(cfg.model, seed=cfg.seed)
+    from_rank0 = d.on and os.path.isdir(cfg.model)  # a checkpoint: read by rank 0 only (model.shard)
+    model, processor = M.load_model(cfg.model, seed=cfg.seed, on_meta=from_rank0 and not d.main)
     tok, image_token_id = processor.tokenizer, model.config.image_token_id
     train_ex = build_examples(train_rec, processor, cfg)
     eval_ex = build_examples(eval_rec, processor, cfg) if eval_rec else []
@@ -319,7 +322,7 @@ def train(cfg: SFTConfig) -> str:
     M.set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     M.freeze_vision(model, cfg.freeze_vision)
     policy.train()
-    wrapped = wrap(policy, mode, bf16, d)
+    wrapped = wrap(policy, mode, bf16, d, from_rank0)
     # bf16 without FSDP: autocast (weights stay fp32; token_logprobs turns it off for the fp32 logits).
     autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if bf16 and mode != "fsdp" else (
         contextlib.nullcontext)  # fmt: skip

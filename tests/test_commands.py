@@ -102,6 +102,19 @@ def data(tmp_path_factory) -> str:
 # torchrun --nproc_per_node 2
 
 
+@pytest.fixture(scope="module")
+def sft_ckpt(data, tmp_path_factory) -> str:
+    """`torchrun sft.py` (FSDP2, 2 processes): its final/ is the checkpoint the later torchrun runs start from
+    (read by rank 0 alone, broadcast into the other rank's shards or replica)."""
+    out = str(tmp_path_factory.mktemp("sft"))
+    run(torchrun() + ["sft.py", "--model", "tiny", "--data", f"{data}/sft.jsonl", "--out_dir", out, "--max_steps",
+                      "3", "--global_batch", "8", "--micro_batch", "2", "--save_every", "2", "--lr", "1e-3"])
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    assert_final_loads(out)
+    return os.path.join(out, "final")
+
+
 def test_issue_headline_command_torchrun_grpo_mm(data, tmp_path):
     """The command that crashed at the first update (FSDP2 lazy init), as the issue gives it."""
     out = str(tmp_path / "X")
@@ -112,11 +125,12 @@ def test_issue_headline_command_torchrun_grpo_mm(data, tmp_path):
 
 
 @pytest.mark.parametrize("distributed", ["fsdp", "ddp"])
-def test_torchrun_grpo_mm_updates_and_validates_sharded(distributed, data, tmp_path):
+def test_torchrun_grpo_mm_updates_and_validates_sharded(distributed, data, sft_ckpt, tmp_path):
     """`--pad_mode off` and an entropy bonus from step 1: every step updates (the first update is where the FSDP2
-    crash was), with `--group_size` on the command line and in-loop validation on both ranks."""
+    crash was), with `--group_size` on the command line and in-loop validation on both ranks, from a checkpoint
+    that rank 0 reads alone."""
     out = str(tmp_path / distributed)
-    args = ["--model", "tiny", "--data", f"{data}/mm_train.jsonl", "--eval_data", f"{data}/mm_test.jsonl",
+    args = ["--model", sft_ckpt, "--data", f"{data}/mm_train.jsonl", "--eval_data", f"{data}/mm_test.jsonl",
             "--eval_every", "1", "--out_dir", out, "--max_steps", "2", "--pad_mode", "off", "--entropy_warmup",
             "0"]
     if distributed == "ddp":
@@ -127,34 +141,28 @@ def test_torchrun_grpo_mm_updates_and_validates_sharded(distributed, data, tmp_p
     assert all(0 <= r["val_acc"] <= 1 and r["val_resp_len"] > 0 for r in rows)
 
 
-def test_torchrun_grpo_text_with_kl_on_a_sharded_reference(data, tmp_path):
+def test_torchrun_grpo_text_with_kl_on_a_sharded_reference(data, sft_ckpt, tmp_path):
     out = str(tmp_path / "text")
-    run(torchrun() + ["grpo_text.py", "--model", "tiny", "--data", f"{data}/text_train.jsonl", "--out_dir", out,
+    run(torchrun() + ["grpo_text.py", "--model", sft_ckpt, "--data", f"{data}/text_train.jsonl", "--out_dir", out,
                       "--max_steps", "3", "--kl_coef", "0.05", "--pad_mode", "off", "--entropy_warmup", "0", "--lr",
                       "1e-3"] + GRPO_SMALL)
     rows = assert_grpo_outputs(out, steps=3, sequences=16)
-    assert rows[0]["kl"] < 1e-6 < rows[2]["kl"], [r["kl"] for r in rows]  # the reference is the starting model
+    # the reference is the starting model on both ranks (rank 1's copy came from rank 0): KL 0 before the first
+    # update, then positive
+    assert rows[0]["kl"] < 1e-6 < rows[2]["kl"], [r["kl"] for r in rows]
     with open(os.path.join(out, "final", "revisual.json")) as f:
         assert json.load(f)["stage"] == "grpo_text"
 
 
-def test_torchrun_sft_and_eval(data, tmp_path):
-    out = str(tmp_path / "sft")
-    run(torchrun() + ["sft.py", "--model", "tiny", "--data", f"{data}/sft.jsonl", "--out_dir", out, "--max_steps",
-                      "3", "--global_batch", "8", "--micro_batch", "2", "--save_every", "2", "--lr", "1e-3"])
-    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
-    assert_final_loads(out)
+def test_torchrun_eval(data, sft_ckpt, tmp_path):
     ev = str(tmp_path / "eval")
-    run(torchrun() + ["eval.py", "--model", f"{out}/final", "--bench",
-                      f"mm={data}/mm_test.jsonl,text={data}/text_test.jsonl", "--out_dir", ev, "--max_new_tokens",
-                      "16", "--batch_size", "4"])
+    run(torchrun() + ["eval.py", "--model", sft_ckpt, "--bench", f"mm={data}/mm_test.jsonl,text={data}/text_test.jsonl",
+                      "--out_dir", ev, "--max_new_tokens", "16", "--batch_size", "4"])
     with open(os.path.join(ev, "results.json")) as f:
         results = json.load(f)
     assert results["mm"]["n"] == 8 and results["text"]["n"] == 8
     preds = read_jsonl(os.path.join(ev, "predictions.jsonl"))
-    assert sorted((p["bench"], p["id"]) for p in preds) == sorted({(p["bench"], p["id"]) for p in preds})
-    assert len(preds) == 16  # each item once, though two ranks generated
+    assert len(preds) == 16 and len({(p["bench"], p["id"]) for p in preds}) == 16  # once each, from two ranks
 
 
 def test_torchrun_grpo_mm_killed_after_second_checkpoint_resumes(data, tmp_path):
