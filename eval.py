@@ -36,9 +36,7 @@ How scoring departs from the released ReVisual-R1 evaluation
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Collection
@@ -53,6 +51,7 @@ import model as M
 import reward
 import sampling as S
 from common import ConfigError, Dist, all_gather_objects, broadcast_object, init_distributed, main_guard
+from scoring import complete_meta, grade_row, summarize
 
 
 @dataclass
@@ -75,98 +74,7 @@ class EvalConfig:
     score_only: str | None = None  # predictions.jsonl to re-grade without a model
     max_prompt_len: int | None = None  # a longer prompt is an error naming the item
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Grading and metrics
-
-
-def _as_float(s: str | None) -> float | None:
-    if s is None:
-        return None
-    t = re.sub(r"\\[,!]|\s|\$", "", s).rstrip(".")
-    return float(t) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", t) else None
-
-
-def grade_row(bench: str, response: str, answer: str, choices: list[str] | None = None,
-              meta: dict | None = None) -> tuple[str | None, bool]:  # fmt: skip
-    """(extracted answer, correct) under the benchmark's rules (see the module docstring)."""
-    meta = meta or {}
-    extracted = reward.extract_answer(response)
-    if extracted is None:
-        return None, False
-    value, gold = _as_float(extracted), _as_float(answer)
-    if value is not None and gold is not None:
-        if bench == "mathvista" and meta.get("answer_type") == "float" and meta.get("precision") is not None:
-            return extracted, round(value, meta["precision"]) == round(gold, meta["precision"])
-        if bench == "dynamath" and meta.get("answer_type") == "float":
-            return extracted, abs(value - gold) <= 1e-3
-    return extracted, reward.grade(response, answer, choices, require_boxed=False)
-
-
-def _per_sample(rows: list[dict]) -> dict[int, dict[str, bool]]:
-    out: dict[int, dict[str, bool]] = defaultdict(dict)
-    for r in rows:
-        out[r.get("sample", 0)][r["id"]] = bool(r["correct"])
-    return out
-
-
-def _pass_at_k(n: int, c: int, k: int) -> float:
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def _wemath_four_dim(rows: list[dict]) -> dict | None:
-    """WeMath's four dimensions on sample 0, as fractions of its complete multi-step problems (rows sharing
-    meta.group, keys "2steps_1", ..., "2steps_multi"): IK (a step wrong, the composite wrong), IG (every
-    step right, the composite wrong), CM (all right), RM (a step wrong, the composite right), and the strict
-    score 1 - IK - IG / 2 - RM."""
-    groups: dict = defaultdict(dict)
-    for r in rows:
-        if r.get("sample", 0) == 0 and r["meta"].get("key"):
-            groups[r["meta"].get("group")][r["meta"]["key"]] = bool(r["correct"])
-    counts = dict.fromkeys(("IK", "IG", "CM", "RM"), 0)
-    for keys in groups.values():
-        multi = next((k for k in keys if k.endswith("steps_multi")), None)
-        if multi and multi[0].isdigit() and len(keys) == int(multi[0]) + 1:  # complete (not cut by --limit)
-            steps = all(v for k, v in keys.items() if k != multi)
-            counts[("CM" if keys[multi] else "IG") if steps else ("RM" if keys[multi] else "IK")] += 1
-    g = sum(counts.values())
-    if not g:
-        return None
-    out = {k: c / g for k, c in counts.items()}
-    return dict(out, groups=g, score_strict=1 - out["IK"] - out["IG"] / 2 - out["RM"])
-
-
-def summarize(bench: str, rows: list[dict]) -> dict:
-    """{"accuracy" (item mean of the sample mean), "n" (items), "truncated" (responses), extras per benchmark}."""
-    by_item: dict[str, list[bool]] = defaultdict(list)
-    for r in rows:
-        by_item[r["id"]].append(bool(r["correct"]))
-    item_acc = {i: sum(v) / len(v) for i, v in by_item.items()}
-    out = {"accuracy": sum(item_acc.values()) / max(1, len(item_acc)), "n": len(by_item),
-           "truncated": sum(bool(r.get("truncated")) for r in rows)}  # fmt: skip
-    k = min((len(v) for v in by_item.values()), default=1)
-    if k > 1:
-        out["samples"] = k
-        out[f"pass@{k}"] = sum(_pass_at_k(len(v), sum(v), k) for v in by_item.values()) / len(by_item)
-    meta = {r["id"]: r.get("meta") or {} for r in rows}
-    if bench == "mathverse":
-        versions = defaultdict(list)
-        for i, a in item_acc.items():
-            versions[meta[i].get("problem_version", "?")].append(a)
-        out["per_version"] = {v: {"accuracy": sum(a) / len(a), "n": len(a)} for v, a in sorted(versions.items())}
-    elif bench == "dynamath":
-        worst = []
-        for hits in _per_sample(rows).values():
-            qs = defaultdict(list)
-            for i, ok in hits.items():
-                qs[meta[i].get("qid", i)].append(ok)
-            worst.append(sum(all(v) for v in qs.values()) / len(qs))
-        out.update(average_case=out["accuracy"], worst_case=sum(worst) / len(worst),
-                   questions=len({m.get("qid", i) for i, m in meta.items()}))  # fmt: skip
-    elif bench == "wemath" and (four := _wemath_four_dim(rows)):
-        out["four_dim"] = four
-    return out
+    split: str | None = None  # a folder's split/config: NAME for every bench, or LABEL=NAME[,LABEL=NAME...]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,9 +216,13 @@ def write_results(results: dict, out_dir: str, limited: bool) -> str:
     for bench, r in results.items():
         spec = B.BENCHMARKS.get(bench)
         ours = paper = ""
-        if spec and r["n"] == spec.size and not limited and spec.paper_metric in r:
-            ours, paper = f"{100 * r[spec.paper_metric]:.1f} ({spec.paper_metric})", f"{spec.paper:.1f}"
+        if spec and spec.paper_metric in r:  # Table 2's metric: strict score, worst case, mean over samples
+            ours = f"{100 * r[spec.paper_metric]:.1f} ({spec.paper_metric})"
+            if r["n"] == spec.size and not limited:
+                paper = f"{spec.paper:.1f}"
         lines.append(f"| {bench} | {r['n']} | {100 * r['accuracy']:.1f} | {r['truncated']} | {ours} | {paper} |")
+    if any(r.get("blank_gold") for r in results.values()):
+        lines.append("\nItems with an empty gold (LogicVista v1_382) are kept in n and counted wrong.")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table)
@@ -328,9 +240,8 @@ def score_only(cfg: EvalConfig) -> dict:
             if key not in r:
                 raise D.DataError(f"{cfg.score_only}:{i}: field '{key}' is missing")
         r.setdefault("sample", 0)
-        r.setdefault("meta", {})
-        r["extracted"], r["correct"] = grade_row(r["bench"], r["response"], str(r["answer"]), r.get("choices"),
-                                                 r["meta"])  # fmt: skip
+        r["meta"] = complete_meta(r["bench"], r, f"{cfg.score_only}:{i}")
+        r["extracted"], r["correct"] = grade_row(r["bench"], r["response"], str(r["answer"]), r.get("choices"), r["meta"])
         by_bench[r["bench"]].append(r)
     os.makedirs(cfg.out_dir, exist_ok=True)
     _write_jsonl(os.path.join(cfg.out_dir, "predictions.jsonl"), rows)
@@ -351,6 +262,21 @@ def parse_bench(spec: str) -> list[tuple[str, str]]:
     if not pairs:
         raise ConfigError("--bench is required (LABEL=PATH[,LABEL=PATH...]) unless --score_only is given")
     return pairs
+
+
+def parse_split(spec: str | None, labels: list[str]) -> dict[str, str]:
+    """--split NAME (every benchmark) or LABEL=NAME[,LABEL=NAME...] -> {label: split}."""
+    if not spec:
+        return {}
+    if "=" not in spec:
+        return dict.fromkeys(labels, spec.strip())
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        label, sep, name = part.partition("=")
+        if not sep or label not in labels or not name:
+            raise ConfigError(f"--split: expected LABEL=NAME with LABEL one of {labels}, got {part!r}")
+        out[label] = name
+    return out
 
 
 def _check_run(cfg: EvalConfig, prompt: str, placement: str) -> None:
@@ -388,8 +314,9 @@ def main(cfg: EvalConfig) -> dict | None:
         old = read_predictions(pred_path, repair=True) if os.path.exists(pred_path) else []
         done = {(r["bench"], r["id"], r.get("sample", 0)) for r in old}
     done = broadcast_object(done, d)
-    loaded = [(label, B.load_benchmark(label, path, os.path.join(cfg.out_dir, "images"), cfg.limit, cfg.seed))
-              for label, path in benches]  # fmt: skip
+    splits = parse_split(cfg.split, [label for label, _ in benches])
+    images = os.path.join(cfg.out_dir, "images")
+    loaded = [(lb, B.load_benchmark(lb, p, images, cfg.limit, cfg.seed, splits.get(lb))) for lb, p in benches]
     model, processor = M.load_model(cfg.model, dtype=dtype, device=d.device)
     jobs = {}
     for label, records in loaded:
