@@ -83,9 +83,8 @@ class _Parser:
             if op := self._eat("*", "\\times", "\\cdot", "/", "\\div"):
                 w = self._unary()
                 v = v / w if op in ("/", "\\div") else v * w
-            elif self.i < len(self.s) and (self.s[self.i] in "0123456789.({π" or self._peek("\\pi")
-                                            or self._peek("\\frac") or self._peek("\\sqrt")):
-                v *= self._unary()  # implicit product: 2\pi, 3\sqrt{2}
+            elif any(self._peek(t) for t in ("(", "{", "π", "\\pi", "\\frac", "\\sqrt")):
+                v *= self._unary()  # implicit product: 2\pi, 3\sqrt{2}, (1+2)(3); never two numbers
             else:
                 return v
 
