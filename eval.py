@@ -8,9 +8,27 @@ Writes `out_dir/predictions.jsonl` (one line per item and sample, appended batch
 (bench, id, sample) already there), `out_dir/results.json`, `out_dir/results.md` and prints the table.
 `evaluate_records` is the same generate-and-grade loop for in-training validation (no files, FSDP-safe).
 
-The loaders (benchmarks.py) read what users download: Parquet with embedded image structs, JSON / JSONL / CSV
-with an image folder, a saved `datasets` folder, and the project's JSONL records for any other label. Images
-are decoded once and cached as PNG under `out_dir/images/<bench>/`.
+The loaders (benchmarks.py) read what users download (a file, or a folder: `--split NAME` or
+`--split LABEL=NAME,...` picks one split / config where a folder holds several) and the project's JSONL
+records for any other label. Images are decoded once and cached as PNG under `out_dir/images/<bench>/`.
+Scoring (scoring.py) follows each benchmark's own rule; its docstring cites the official code.
+
+Per benchmark. Layouts: HF = the Hugging Face dataset repo's Parquet under its real names (and the same data
+as a `save_to_disk` folder or `load_dataset` cache, read as Arrow), GH = the benchmark's GitHub release
+(JSON + image folder), VK = VLMEvalKit's TSV (base64 images). n = the split size Table 2 used.
+
+| bench | layouts read | prompt (user turn; our reasoning prompt in the system turn) | official metric (results key beside Table 2) | where ours departs | n |
+|---|---|---|---|---|---|
+| mathverse | HF `testmini.parquet` (`--split testmini`; `testmini_text_only` is the other config), VK `MathVerse_MINI.tsv` | `query_cot` (official CoT query), else `question` | GPT-extracted answer judged by GPT, overall accuracy (`accuracy`) and per version | rule-based: letters, letter sets ("A\\nC"), option text from "Choices:" in the question, math-verify for free form | 3,940 |
+| mathvision | HF `data/test-*.parquet` (`--split test`; `testmini` = 304) | `question` + options A-E | GPT-extracted answer, accuracy (`accuracy`) | rule-based: letter or option value, math-verify | 3,040 |
+| mathvista | HF `data/testmini-*.parquet` (`--split testmini`), GH `testmini.json` / `annot_testmini.json` | `query` (official: hint with answer type, precision, unit; lists the choices) | GPT extraction, then `int(float(x))` / `round(x, precision)` / option text, accuracy (`accuracy`) | extraction by rules (box or stated answer, value after units and constants); no edit-distance fall-back to the nearest option | 1,000 |
+| wemath | HF `data/testmini-*.parquet` (one `option` string), VK `WeMath.tsv` (options in columns A-E) | `question` + "\\n" + `option` (lmms-eval) | four dimensions, Score (Strict) (`score_strict`; `score_loose` too) | letter / option text by rules, not "first letter after 'Answer'"; P = complete problems present (official: fixed 525) | 1,740 (525 problems) |
+| logicvista | HF `lscpku/LogicVista` test, GH `data/dataset.json` (ids from keys, `imagename` in `images/`), VK `LogicVista.tsv` | `question` | GPT-extracted letters, sorted-set match, accuracy over all 448 (`accuracy`) | rules instead of the GPT extractor; option text counts when options are in the question; the blank row v1_382 is counted wrong (results: `blank_gold`) | 448 |
+| dynamath | HF folder `data/sample1..10-*.parquet` (also `sample_variantN` files / folders), VK `DynaMath.tsv` (`qid`, `varid`) | `question` | JSON "short answer" (GPT fall-back); float within 1e-3, letter, text substring; worst case over 10 variants (`worst_case`) | answer from the box by rules; float tolerance on the evaluated value (2\\pi/3 counts); text answers by equivalence, not substring | 5,010 (501 x 10) |
+| aime24 | HF `data/train-*.parquet`, JSONL | `problem` | mean accuracy over K samples (`accuracy`, K = 8) | | 30 |
+| aime25 | `math-ai/aime25` JSONL, `opencompass/AIME2025` `aime2025-I.jsonl` + `-II.jsonl` (read together) | `problem` / `question` | mean accuracy over K samples (`accuracy`, K = 8) | | 30 |
+| math500 | HF `test.jsonl` | `problem` | MATH equivalence (`accuracy`) | math-verify + exact rationals; a rounded decimal is wrong for a non-terminating fraction | 500 |
+| gpqa | `gpqa_diamond.csv` (`--split gpqa_diamond` in the repo folder) | `Question` + the four answers shuffled into A-D (fixed seed) | letter match (`accuracy`) | letter or option text | 198 |
 
 Decoding: greedy, K = 1, except aime24 / aime25: K = 8 samples at temperature 1.0, top-p 0.95 (accuracy is
 the mean over samples; pass@K is reported too). Every `generate` call gets a complete generation config
@@ -22,15 +40,17 @@ How scoring departs from the released ReVisual-R1 evaluation
   `\\boxed{\\frac{1}{2}}`), or, without a box, a final answer stated in the response's last sentence
   (reward.grade with require_boxed=False). Its fall-back that compares only the alphabetic characters
   (so any numeric answer counted as correct) is gone: a response with no stated answer is wrong.
-* Multiple choice grades the letter and the option text alike. Benchmark rules of their own authors:
-  MathVista's gold is the option text and free-form floats are rounded to the item's `precision`;
-  DynaMath floats are right within 1e-3 (absolute) and its worst case needs all variants right;
-  LogicVista letter sets ("A, C") compare as sets; GPQA's options are shuffled into A-D per item with a
-  fixed seed (gold = the letter).
+* Multiple choice grades the letter and the option text alike; options a question lists in its own text
+  are parsed into choices for multiple-choice items only. Each benchmark's own rules (table above).
+* Benchmark scoring is strict where the RL reward is lenient: a rounded decimal never stands for a
+  non-terminating fraction (reward.grade(strict=True)).
 * Truncated responses (no EOS within max_new_tokens) are graded as they are and counted per benchmark.
-* Paper Table 2 numbers appear in results.md only beside a benchmark evaluated in full (n equals the
-  published size, no --limit). Table 2's DynaMath number is compared with our worst-case accuracy
-  (the base model's 12.6 fits no average-case figure); its WeMath metric is not stated (we show accuracy).
+* results.md shows, per benchmark, the metric Table 2 reports (strict score for WeMath, worst case for
+  DynaMath, mean over samples for AIME, accuracy elsewhere) and Table 2's number beside it only when the
+  benchmark was evaluated in full (n equals the published size, no --limit).
+* `--score_only` derives what the metrics need from ids and fields (DynaMath `<qid>_v<N>`, WeMath
+  `<ID>_<key>`) and refuses, naming line and field, what it cannot (a DynaMath / MathVista numeric gold
+  without its answer type or precision).
 """
 
 from __future__ import annotations
