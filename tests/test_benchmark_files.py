@@ -4,6 +4,8 @@ become choices for multiple-choice items only."""
 
 import json
 import os
+import subprocess
+import sys
 
 import fixtures_bench as F
 import pytest
@@ -11,6 +13,7 @@ from PIL import Image
 
 import benchmarks as B
 import data as D
+from conftest import ROOT
 
 ALL_LAYOUTS = [(label, fn, n, split) for label, (fn, n, split) in F.WRITERS.items() if label in B.BENCHMARKS]
 ALL_LAYOUTS += [(label.split("_")[0], fn, n, None) for label, (fn, n) in F.OTHER_LAYOUTS.items()]
@@ -140,3 +143,32 @@ def test_aime25_configs_i_and_ii_make_one_benchmark(tmp_path):
 ])
 def test_options_in_text(text, options):
     assert B.options_in_text(text) == options
+
+
+def test_datasets_cache_and_save_to_disk_folders_without_datasets(tmp_path):
+    rows = F._mathvista_rows()
+    cache = tmp_path / "AI4Math___math_vista" / "default" / "0.0.0" / "0123abcd"
+    F.write_arrow_stream(str(cache / "math_vista-testmini.arrow"), rows, F._MATHVISTA_TYPES)
+    F.write_arrow_stream(str(cache / "math_vista-test-00000-of-00002.arrow"), rows[:1], F._MATHVISTA_TYPES)
+    F.write_arrow_stream(str(cache / "cache-5f2a.arrow"), rows[:2], F._MATHVISTA_TYPES)  # a .map() cache: skipped
+    (cache / "dataset_info.json").write_text("{}")
+    with pytest.raises(D.DataError, match=r"several splits or configs \(test, testmini\)"):
+        B.load_benchmark("mathvista", str(tmp_path / "AI4Math___math_vista"), str(tmp_path / "c"))
+    recs = B.load_benchmark("mathvista", str(cache), str(tmp_path / "c"), split="testmini")
+    assert [r.id for r in recs] == ["1", "2", "3", "4"] and all(len(r.images) == 1 for r in recs)
+    saved = tmp_path / "saved"  # DatasetDict.save_to_disk: dataset_dict.json and one folder per split
+    for split, part in (("testmini", rows), ("test", rows[:1])):
+        F.write_arrow_stream(str(saved / split / "data-00000-of-00001.arrow"), part, F._MATHVISTA_TYPES)
+        (saved / split / "state.json").write_text("{}")
+    (saved / "dataset_dict.json").write_text('{"splits": ["testmini", "test"]}')
+    assert len(B.load_benchmark("mathvista", str(saved), str(tmp_path / "c2"), split="testmini")) == 4
+
+
+def test_cli_several_splits_is_one_clear_line(tmp_path):
+    folder = F.write_mathverse(str(tmp_path))
+    r = subprocess.run([sys.executable, "eval.py", "--bench", f"mathverse={folder}", "--out_dir", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: mathverse: {folder} holds several splits or configs (testmini, testmini_text_only): pick one "
+        "with --split mathverse=testmini (or point --bench at its file)")

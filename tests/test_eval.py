@@ -83,6 +83,8 @@ def test_every_benchmark_loads_and_runs_end_to_end(e2e):
     assert all(len(r["choices"]) == 4 and r["answer"] in "ABCD" for r in rows if r["bench"] == "gpqa")
     md = open(out / "results.md").read()
     assert "| gpqa | 3 |" in md and "47.5" not in md  # a partial benchmark never stands beside Table 2
+    assert "| wemath | 8 |" in md and "(score_strict)" in md and "(worst_case)" in md
+    assert "empty gold (LogicVista v1_382) are kept in n and counted wrong" in md
 
 
 def test_aime_samples_differ_and_greedy_benchmarks_take_one(e2e):
@@ -209,7 +211,8 @@ def test_cli_bad_input_exits_with_one_line_and_help_lists_fields(tmp_path):
     cfg = parse_config(E.EvalConfig, ["--blank_images", "--bench", "a=b.jsonl", "--samples", "4"])
     assert cfg.blank_images and cfg.bench == "a=b.jsonl" and cfg.samples == 4  # a bare flag, as in CONTRACT
     text = config_help(E.EvalConfig)
-    assert all(f"--{name}" in text for name in ("samples", "blank_images", "score_only", "limit", "max_prompt_len"))
+    assert all(f"--{name}" in text for name in ("samples", "blank_images", "score_only", "limit", "max_prompt_len",
+                                                "split"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -494,3 +497,12 @@ def test_torchrun_two_ranks_give_the_same_greedy_predictions(trained_tiny, tmp_p
         assert outs["two"][key]["response"] == row["response"], key
     assert any(not r["truncated"] for r in outs["one"].values())  # the trained model stops on its own
     assert json.load(open(tmp_path / "one" / "results.json")) == json.load(open(tmp_path / "two" / "results.json"))
+
+
+def test_split_flag_for_every_or_one_benchmark():
+    assert E.parse_split("testmini", ["mathverse", "mathvista"]) == {"mathverse": "testmini", "mathvista": "testmini"}
+    assert E.parse_split("gpqa=gpqa_diamond,mathvista=testmini", ["gpqa", "mathvista", "x"]) == {
+        "gpqa": "gpqa_diamond", "mathvista": "testmini"}
+    assert E.parse_split(None, ["gpqa"]) == {}
+    with pytest.raises(E.ConfigError, match=r"--split: expected LABEL=NAME with LABEL one of \['gpqa'\], got 'gqpa=x'"):
+        E.parse_split("gqpa=x", ["gpqa"])
