@@ -168,7 +168,7 @@ def build_messages(record: Record, prompt: str = REASONING_PROMPT, placement: st
     if placement not in PLACEMENTS:
         raise ValueError(f"prompt placement must be one of {PLACEMENTS}, got {placement!r}")
     text = record.problem
-    if record.choices:
+    if record.choices and not record.meta.get("options_in_problem"):  # a benchmark prompt may list them itself
         text += "\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(record.choices))
     if placement == "user":
         text += "\n" + prompt

@@ -8,9 +8,27 @@ Writes `out_dir/predictions.jsonl` (one line per item and sample, appended batch
 (bench, id, sample) already there), `out_dir/results.json`, `out_dir/results.md` and prints the table.
 `evaluate_records` is the same generate-and-grade loop for in-training validation (no files, FSDP-safe).
 
-The loaders (benchmarks.py) read what users download: Parquet with embedded image structs, JSON / JSONL / CSV
-with an image folder, a saved `datasets` folder, and the project's JSONL records for any other label. Images
-are decoded once and cached as PNG under `out_dir/images/<bench>/`.
+The loaders (benchmarks.py) read what users download (a file, or a folder: `--split NAME` or
+`--split LABEL=NAME,...` picks one split / config where a folder holds several) and the project's JSONL
+records for any other label. Images are decoded once and cached as PNG under `out_dir/images/<bench>/`.
+Scoring (scoring.py) follows each benchmark's own rule; its docstring cites the official code.
+
+Per benchmark. Layouts: HF = the Hugging Face dataset repo's Parquet under its real names (and the same data
+as a `save_to_disk` folder or `load_dataset` cache, read as Arrow), GH = the benchmark's GitHub release
+(JSON + image folder), VK = VLMEvalKit's TSV (base64 images). n = the split size Table 2 used.
+
+| bench | layouts read | prompt (user turn; our reasoning prompt in the system turn) | official metric (results key beside Table 2) | where ours departs | n |
+|---|---|---|---|---|---|
+| mathverse | HF `testmini.parquet` (`--split testmini`; `testmini_text_only` is the other config), VK `MathVerse_MINI.tsv` | `query_cot` (official CoT query), else `question` | GPT-extracted answer judged by GPT, overall accuracy (`accuracy`) and per version | rule-based: letters, letter sets ("A\\nC"), option text from "Choices:" in the question, math-verify for free form | 3,940 |
+| mathvision | HF `data/test-*.parquet` (`--split test`; `testmini` = 304) | `question` + options A-E | GPT-extracted answer, accuracy (`accuracy`) | rule-based: letter or option value, math-verify | 3,040 |
+| mathvista | HF `data/testmini-*.parquet` (`--split testmini`), GH `testmini.json` / `annot_testmini.json` | `query` (official: hint with answer type, precision, unit; lists the choices) | GPT extraction, then `int(float(x))` / `round(x, precision)` / option text, accuracy (`accuracy`) | extraction by rules (box or stated answer, value after units and constants); no edit-distance fall-back to the nearest option | 1,000 |
+| wemath | HF `data/testmini-*.parquet` (one `option` string), VK `WeMath.tsv` (options in columns A-E) | `question` + "\\n" + `option` (lmms-eval) | four dimensions, Score (Strict) (`score_strict`; `score_loose` too) | letter / option text by rules, not "first letter after 'Answer'"; P = complete problems present (official: fixed 525) | 1,740 (525 problems) |
+| logicvista | HF `lscpku/LogicVista` test, GH `data/dataset.json` (ids from keys, `imagename` in `images/`), VK `LogicVista.tsv` | `question` | GPT-extracted letters, sorted-set match, accuracy over all 448 (`accuracy`) | rules instead of the GPT extractor; option text counts when options are in the question; the blank row v1_382 is counted wrong (results: `blank_gold`) | 448 |
+| dynamath | HF folder `data/sample1..10-*.parquet` (also `sample_variantN` files / folders), VK `DynaMath.tsv` (`qid`, `varid`) | `question` | JSON "short answer" (GPT fall-back); float within 1e-3, letter, text substring; worst case over 10 variants (`worst_case`) | answer from the box by rules; float tolerance on the evaluated value (2\\pi/3 counts); text answers by equivalence, not substring | 5,010 (501 x 10) |
+| aime24 | HF `data/train-*.parquet`, JSONL | `problem` | mean accuracy over K samples (`accuracy`, K = 8) | | 30 |
+| aime25 | `math-ai/aime25` JSONL, `opencompass/AIME2025` `aime2025-I.jsonl` + `-II.jsonl` (read together) | `problem` / `question` | mean accuracy over K samples (`accuracy`, K = 8) | | 30 |
+| math500 | HF `test.jsonl` | `problem` | MATH equivalence (`accuracy`) | math-verify + exact rationals; a rounded decimal is wrong for a non-terminating fraction | 500 |
+| gpqa | `gpqa_diamond.csv` (`--split gpqa_diamond` in the repo folder) | `Question` + the four answers shuffled into A-D (fixed seed) | letter match (`accuracy`) | letter or option text | 198 |
 
 Decoding: greedy, K = 1, except aime24 / aime25: K = 8 samples at temperature 1.0, top-p 0.95 (accuracy is
 the mean over samples; pass@K is reported too). Every `generate` call gets a complete generation config
@@ -22,23 +40,23 @@ How scoring departs from the released ReVisual-R1 evaluation
   `\\boxed{\\frac{1}{2}}`), or, without a box, a final answer stated in the response's last sentence
   (reward.grade with require_boxed=False). Its fall-back that compares only the alphabetic characters
   (so any numeric answer counted as correct) is gone: a response with no stated answer is wrong.
-* Multiple choice grades the letter and the option text alike. Benchmark rules of their own authors:
-  MathVista's gold is the option text and free-form floats are rounded to the item's `precision`;
-  DynaMath floats are right within 1e-3 (absolute) and its worst case needs all variants right;
-  LogicVista letter sets ("A, C") compare as sets; GPQA's options are shuffled into A-D per item with a
-  fixed seed (gold = the letter).
+* Multiple choice grades the letter and the option text alike; options a question lists in its own text
+  are parsed into choices for multiple-choice items only. Each benchmark's own rules (table above).
+* Benchmark scoring is strict where the RL reward is lenient: a rounded decimal never stands for a
+  non-terminating fraction (reward.grade(strict=True)).
 * Truncated responses (no EOS within max_new_tokens) are graded as they are and counted per benchmark.
-* Paper Table 2 numbers appear in results.md only beside a benchmark evaluated in full (n equals the
-  published size, no --limit). Table 2's DynaMath number is compared with our worst-case accuracy
-  (the base model's 12.6 fits no average-case figure); its WeMath metric is not stated (we show accuracy).
+* results.md shows, per benchmark, the metric Table 2 reports (strict score for WeMath, worst case for
+  DynaMath, mean over samples for AIME, accuracy elsewhere) and Table 2's number beside it only when the
+  benchmark was evaluated in full (n equals the published size, no --limit).
+* `--score_only` derives what the metrics need from ids and fields (DynaMath `<qid>_v<N>`, WeMath
+  `<ID>_<key>`) and refuses, naming line and field, what it cannot (a DynaMath / MathVista numeric gold
+  without its answer type or precision).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Collection
@@ -53,6 +71,7 @@ import model as M
 import reward
 import sampling as S
 from common import ConfigError, Dist, all_gather_objects, broadcast_object, init_distributed, main_guard
+from scoring import complete_meta, grade_row, summarize
 
 
 @dataclass
@@ -76,98 +95,7 @@ class EvalConfig:
     max_prompt_len: int = 0  # a longer prompt is an error naming the item (0 = no limit)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     dist_timeout_min: int = 180  # collective timeout (minutes)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Grading and metrics
-
-
-def _as_float(s: str | None) -> float | None:
-    if s is None:
-        return None
-    t = re.sub(r"\\[,!]|\s|\$", "", s).rstrip(".")
-    return float(t) if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", t) else None
-
-
-def grade_row(bench: str, response: str, answer: str, choices: list[str] | None = None,
-              meta: dict | None = None) -> tuple[str | None, bool]:  # fmt: skip
-    """(extracted answer, correct) under the benchmark's rules (see the module docstring)."""
-    meta = meta or {}
-    extracted = reward.extract_answer(response)
-    if extracted is None:
-        return None, False
-    value, gold = _as_float(extracted), _as_float(answer)
-    if value is not None and gold is not None:
-        if bench == "mathvista" and meta.get("answer_type") == "float" and meta.get("precision") is not None:
-            return extracted, round(value, meta["precision"]) == round(gold, meta["precision"])
-        if bench == "dynamath" and meta.get("answer_type") == "float":
-            return extracted, abs(value - gold) <= 1e-3
-    return extracted, reward.grade(response, answer, choices, require_boxed=False)
-
-
-def _per_sample(rows: list[dict]) -> dict[int, dict[str, bool]]:
-    out: dict[int, dict[str, bool]] = defaultdict(dict)
-    for r in rows:
-        out[r.get("sample", 0)][r["id"]] = bool(r["correct"])
-    return out
-
-
-def _pass_at_k(n: int, c: int, k: int) -> float:
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def _wemath_four_dim(rows: list[dict]) -> dict | None:
-    """WeMath's four dimensions on sample 0, as fractions of its complete multi-step problems (rows sharing
-    meta.group, keys "2steps_1", ..., "2steps_multi"): IK (a step wrong, the composite wrong), IG (every
-    step right, the composite wrong), CM (all right), RM (a step wrong, the composite right), and the strict
-    score 1 - IK - IG / 2 - RM."""
-    groups: dict = defaultdict(dict)
-    for r in rows:
-        if r.get("sample", 0) == 0 and r["meta"].get("key"):
-            groups[r["meta"].get("group")][r["meta"]["key"]] = bool(r["correct"])
-    counts = dict.fromkeys(("IK", "IG", "CM", "RM"), 0)
-    for keys in groups.values():
-        multi = next((k for k in keys if k.endswith("steps_multi")), None)
-        if multi and multi[0].isdigit() and len(keys) == int(multi[0]) + 1:  # complete (not cut by --limit)
-            steps = all(v for k, v in keys.items() if k != multi)
-            counts[("CM" if keys[multi] else "IG") if steps else ("RM" if keys[multi] else "IK")] += 1
-    g = sum(counts.values())
-    if not g:
-        return None
-    out = {k: c / g for k, c in counts.items()}
-    return dict(out, groups=g, score_strict=1 - out["IK"] - out["IG"] / 2 - out["RM"])
-
-
-def summarize(bench: str, rows: list[dict]) -> dict:
-    """{"accuracy" (item mean of the sample mean), "n" (items), "truncated" (responses), extras per benchmark}."""
-    by_item: dict[str, list[bool]] = defaultdict(list)
-    for r in rows:
-        by_item[r["id"]].append(bool(r["correct"]))
-    item_acc = {i: sum(v) / len(v) for i, v in by_item.items()}
-    out = {"accuracy": sum(item_acc.values()) / max(1, len(item_acc)), "n": len(by_item),
-           "truncated": sum(bool(r.get("truncated")) for r in rows)}  # fmt: skip
-    k = min((len(v) for v in by_item.values()), default=1)
-    if k > 1:
-        out["samples"] = k
-        out[f"pass@{k}"] = sum(_pass_at_k(len(v), sum(v), k) for v in by_item.values()) / len(by_item)
-    meta = {r["id"]: r.get("meta") or {} for r in rows}
-    if bench == "mathverse":
-        versions = defaultdict(list)
-        for i, a in item_acc.items():
-            versions[meta[i].get("problem_version", "?")].append(a)
-        out["per_version"] = {v: {"accuracy": sum(a) / len(a), "n": len(a)} for v, a in sorted(versions.items())}
-    elif bench == "dynamath":
-        worst = []
-        for hits in _per_sample(rows).values():
-            qs = defaultdict(list)
-            for i, ok in hits.items():
-                qs[meta[i].get("qid", i)].append(ok)
-            worst.append(sum(all(v) for v in qs.values()) / len(qs))
-        out.update(average_case=out["accuracy"], worst_case=sum(worst) / len(worst),
-                   questions=len({m.get("qid", i) for i, m in meta.items()}))  # fmt: skip
-    elif bench == "wemath" and (four := _wemath_four_dim(rows)):
-        out["four_dim"] = four
-    return out
+    split: str = ""  # a folder's split/config: NAME for every bench, or LABEL=NAME[,LABEL=NAME...] ("" = the only one)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,9 +237,13 @@ def write_results(results: dict, out_dir: str, limited: bool) -> str:
     for bench, r in results.items():
         spec = B.BENCHMARKS.get(bench)
         ours = paper = ""
-        if spec and r["n"] == spec.size and not limited and spec.paper_metric in r:
-            ours, paper = f"{100 * r[spec.paper_metric]:.1f} ({spec.paper_metric})", f"{spec.paper:.1f}"
+        if spec and spec.paper_metric in r:  # Table 2's metric: strict score, worst case, mean over samples
+            ours = f"{100 * r[spec.paper_metric]:.1f} ({spec.paper_metric})"
+            if r["n"] == spec.size and not limited:
+                paper = f"{spec.paper:.1f}"
         lines.append(f"| {bench} | {r['n']} | {100 * r['accuracy']:.1f} | {r['truncated']} | {ours} | {paper} |")
+    if any(r.get("blank_gold") for r in results.values()):
+        lines.append("\nItems with an empty gold (LogicVista v1_382) are kept in n and counted wrong.")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table)
@@ -329,9 +261,8 @@ def score_only(cfg: EvalConfig) -> dict:
             if key not in r:
                 raise D.DataError(f"{cfg.score_only}:{i}: field '{key}' is missing")
         r.setdefault("sample", 0)
-        r.setdefault("meta", {})
-        r["extracted"], r["correct"] = grade_row(r["bench"], r["response"], str(r["answer"]), r.get("choices"),
-                                                 r["meta"])  # fmt: skip
+        r["meta"] = complete_meta(r["bench"], r, f"{cfg.score_only}:{i}")
+        r["extracted"], r["correct"] = grade_row(r["bench"], r["response"], str(r["answer"]), r.get("choices"), r["meta"])
         by_bench[r["bench"]].append(r)
     os.makedirs(cfg.out_dir, exist_ok=True)
     _write_jsonl(os.path.join(cfg.out_dir, "predictions.jsonl"), rows)
@@ -352,6 +283,21 @@ def parse_bench(spec: str) -> list[tuple[str, str]]:
     if not pairs:
         raise ConfigError("--bench is required (LABEL=PATH[,LABEL=PATH...]) unless --score_only is given")
     return pairs
+
+
+def parse_split(spec: str | None, labels: list[str]) -> dict[str, str]:
+    """--split NAME (every benchmark) or LABEL=NAME[,LABEL=NAME...] -> {label: split}."""
+    if not spec:
+        return {}
+    if "=" not in spec:
+        return dict.fromkeys(labels, spec.strip())
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        label, sep, name = part.partition("=")
+        if not sep or label not in labels or not name:
+            raise ConfigError(f"--split: expected LABEL=NAME with LABEL one of {labels}, got {part!r}")
+        out[label] = name
+    return out
 
 
 def _check_run(cfg: EvalConfig, prompt: str, placement: str) -> None:
@@ -399,8 +345,9 @@ def main(cfg: EvalConfig) -> dict | None:
         old = read_predictions(pred_path, repair=True) if os.path.exists(pred_path) else []
         done = {(r["bench"], r["id"], r.get("sample", 0)) for r in old}
     done = broadcast_object(done, d)
-    loaded = [(label, B.load_benchmark(label, path, os.path.join(cfg.out_dir, "images"), cfg.limit, cfg.seed))
-              for label, path in benches]  # fmt: skip
+    splits = parse_split(cfg.split, [label for label, _ in benches])
+    images = os.path.join(cfg.out_dir, "images")
+    loaded = [(lb, B.load_benchmark(lb, p, images, cfg.limit, cfg.seed, splits.get(lb))) for lb, p in benches]
     model, processor = M.load_model(cfg.model, dtype=dtype, device=d.device)
     jobs = {}
     for label, records in loaded:

@@ -10,12 +10,14 @@ What it does
 * ``grade``: multiple choice (letters, letter sets, option text), letter golds without choices, then math
   equivalence. Cheap exact checks run first, in-process: normalised string match and exact rational
   comparison of plain numbers (``007 == 7``, ``1,000 == 1000``, ``1/2 == 0.5``, ``0.7 != 3/4``,
-  ``100001 != 100000``; a decimal may stand for a non-terminating fraction only when it has >= 3
-  significant digits and is that fraction rounded or truncated). When both sides are plain numbers this
-  verdict is final. Everything else goes to math-verify (``parse``/``verify``), plus one guard of ours:
-  when math-verify says two constant expressions are equal, their values must agree to 1e-60 relative
-  when both are exact, 1e-5 when a float is involved (math-verify's absolute rounding and chopping
-  otherwise equate ``1/3^61`` with ``1/3^60`` and ``\\sqrt{10^{40}+1}`` with ``10^{20}``).
+  ``100001 != 100000``; in the RL reward a decimal may stand for a non-terminating fraction when it has
+  >= 3 significant digits and is that fraction rounded or truncated, a leniency of the reward only:
+  ``grade(..., strict=True)``, which benchmark scoring (scoring.py) uses, rejects ``4.67`` for ``\\frac{14}{3}``
+  as the MATH graders and math-verify do). When both sides are plain numbers this verdict is final.
+  Everything else goes to math-verify (``parse``/``verify``), plus one guard of ours: when math-verify
+  says two constant expressions are equal, their values must agree to 1e-60 relative when both are
+  exact, 1e-5 when a float is involved (math-verify's absolute rounding and chopping otherwise equate
+  ``1/3^61`` with ``1/3^60`` and ``\\sqrt{10^{40}+1}`` with ``10^{20}``).
 * ``format_reward``, ``length_reward`` (paper Eq. 5-6), ``score_completions`` (the RL reward of a batch).
 
 Departures from the released ReVisual-R1 code
@@ -262,9 +264,13 @@ def _terminates(q: Fraction) -> bool:
     return d == 1
 
 
-def _num_equal(a: _Num, b: _Num) -> bool:
+def _num_equal(a: _Num, b: _Num, strict: bool = False) -> bool:
+    """Exact equality; unless `strict`, also a rounded/truncated decimal (>= 3 significant digits) for a
+    non-terminating fraction (the RL reward's leniency; benchmark scoring passes strict=True)."""
     if a.value == b.value:
         return True
+    if strict:
+        return False
     for d, q in ((a, b), (b, a)):  # a rounded/truncated decimal standing for a non-terminating fraction
         if d.decimal and not q.decimal and not _terminates(q.value) and d.sig >= 3:
             if abs(d.value - q.value) < Fraction(1, 10**d.places):
@@ -275,7 +281,7 @@ def _num_equal(a: _Num, b: _Num) -> bool:
 _ASSIGN_RE = re.compile(r"[A-Za-z](?:_\{?\w+\}?)?=([^=]+)")
 
 
-def _math_equal(answer: str, gold: str, timeout: float) -> bool:
+def _math_equal(answer: str, gold: str, timeout: float, strict: bool = False) -> bool:
     a, a_pct = _norm(answer)
     g, g_pct = _norm(gold)
     if not a or not g:
@@ -291,7 +297,7 @@ def _math_equal(answer: str, gold: str, timeout: float) -> bool:
             pairs.append((_Num(a_num.value / 100, False), g_num))
         if g_pct:
             pairs.append((a_num, _Num(g_num.value / 100, False)))
-        return any(_num_equal(x, y) for x, y in pairs)
+        return any(_num_equal(x, y, strict) for x, y in pairs)
     return _child_equal(_clean_for_mv(gold), _clean_for_mv(answer), float(timeout))
 
 
@@ -342,7 +348,7 @@ def _option_text(choice: str, idx: int) -> str:
     return re.sub(rf"^\s*(?:\({letter}\)|{letter}[.:)])\s*", "", str(choice))
 
 
-def _options_matching(text: str, options: list[str]) -> frozenset[str]:
+def _options_matching(text: str, options: list[str], strict: bool = False) -> frozenset[str]:
     """Letters of the options whose text equals `text` (normalised string or exact number)."""
     t, _ = _norm(text)
     t_num = _to_number(t)
@@ -352,22 +358,22 @@ def _options_matching(text: str, options: list[str]) -> frozenset[str]:
         if not o:
             continue
         o_num = _to_number(o)
-        if o.lower() == t.lower() or (t_num is not None and o_num is not None and _num_equal(t_num, o_num)):
+        if o.lower() == t.lower() or (t_num is not None and o_num is not None and _num_equal(t_num, o_num, strict)):
             hits.add(chr(65 + i))
     return frozenset(hits)
 
 
-def _grade_choice(answer: str, gold: str, choices: list[str], timeout: float) -> bool:
+def _grade_choice(answer: str, gold: str, choices: list[str], timeout: float, strict: bool = False) -> bool:
     options = [_option_text(c, i) for i, c in enumerate(choices)]
     n = min(len(options), 26)
-    gold_set = _options_matching(gold, options) or _parse_letters(gold, n)
+    gold_set = _options_matching(gold, options, strict) or _parse_letters(gold, n)
     if not gold_set:
-        return _math_equal(answer, gold, timeout)  # gold is neither a letter nor an option: free form
-    stated = _parse_letters(answer, n) or _options_matching(answer, options)
+        return _math_equal(answer, gold, timeout, strict)  # gold is neither a letter nor an option: free form
+    stated = _parse_letters(answer, n) or _options_matching(answer, options, strict)
     if stated:
         return stated == gold_set
     if len(gold_set) == 1:  # e.g. `\sqrt2` for option `\sqrt{2}`: math equivalence with the gold option
-        return _math_equal(answer, options[ord(next(iter(gold_set))) - 65], timeout)
+        return _math_equal(answer, options[ord(next(iter(gold_set))) - 65], timeout, strict)
     return False
 
 
@@ -380,9 +386,11 @@ def grade(
     choices: list[str] | None = None,
     require_boxed: bool = False,
     timeout: float = 5.0,
+    strict: bool = False,
 ) -> bool:
     """Whether the final answer of `response` matches `gold`. Never runs the text; returns within
-    about `timeout` seconds (plus a one-off child start-up). Empty gold or answer is never correct."""
+    about `timeout` seconds (plus a one-off child start-up). Empty gold or answer is never correct.
+    `strict` (benchmark scoring): no rounded decimal stands for a non-terminating fraction."""
     if gold is None or isinstance(gold, bool):
         return False
     gold = str(gold).strip()
@@ -393,12 +401,12 @@ def grade(
         return False
     try:
         if choices:
-            return _grade_choice(answer, gold, list(choices), timeout)
+            return _grade_choice(answer, gold, list(choices), timeout, strict)
         gold_set = _gold_letters(gold)
         if gold_set is not None:
             stated = _parse_letters(answer, 26)
-            return stated == gold_set if stated else _math_equal(answer, gold, timeout)
-        return _math_equal(answer, gold, timeout)
+            return stated == gold_set if stated else _math_equal(answer, gold, timeout, strict)
+        return _math_equal(answer, gold, timeout, strict)
     except GraderUnavailable:
         raise
     except Exception:  # untrusted text must never crash a training run

@@ -51,7 +51,7 @@ def e2e(tiny, tmp_path_factory):
     out = root / "out"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(M, "load_model", lambda *a, **k: tiny)
-        results = E.main(_cfg(out, {label: p for label, (p, _) in paths.items()}))
+        results = E.main(_cfg(out, {label: p for label, (p, _) in paths.items()}, split=F.splits()))
     return paths, out, results
 
 
@@ -70,17 +70,21 @@ def test_every_benchmark_loads_and_runs_end_to_end(e2e):
         assert all(set(row) >= {"bench", "id", "sample", "response", "answer", "meta", "extracted", "correct",
                                 "truncated"} for row in mine)  # fmt: skip
     assert len({(r["bench"], r["id"], r["sample"]) for r in rows}) == len(rows)
-    assert set(results["mathverse"]["per_version"]) == {"Text Dominant", "Text Lite", "Vision Intensive", "Text Only"}
+    assert set(results["mathverse"]["per_version"]) == {v for v, *_ in F.MATHVERSE_ROWS}
     assert {"average_case", "worst_case"} <= set(results["dynamath"]) and results["dynamath"]["questions"] == 2
     assert results["aime24"]["samples"] == 8 and "pass@8" in results["aime24"]
-    assert results["wemath"]["four_dim"]["groups"] == 1
+    assert results["wemath"]["four_dim"]["problems"] == 2 and "score_strict" in results["wemath"]
+    assert results["logicvista"]["blank_gold"] == 1 and results["logicvista"]["n"] == 4  # v1_382 counted
     # images decoded into the cache; text-only items have none; multiple choice rows carry their choices
     assert len(os.listdir(out / "images" / "dynamath")) == 20
     mv = {r["id"]: r for r in rows if r["bench"] == "mathverse"}
-    assert "choices" not in mv["1"] and mv["1"]["meta"]["problem_version"] == "Text Dominant"
+    assert "choices" not in mv["3"] and mv["1"]["choices"] == ["1", "3", "5", "7"]
+    assert mv["1"]["meta"]["problem_version"] == "Text Dominant"
     assert all(len(r["choices"]) == 4 and r["answer"] in "ABCD" for r in rows if r["bench"] == "gpqa")
     md = open(out / "results.md").read()
     assert "| gpqa | 3 |" in md and "47.5" not in md  # a partial benchmark never stands beside Table 2
+    assert "| wemath | 8 |" in md and "(score_strict)" in md and "(worst_case)" in md
+    assert "empty gold (LogicVista v1_382) are kept in n and counted wrong" in md
 
 
 def test_aime_samples_differ_and_greedy_benchmarks_take_one(e2e):
@@ -96,23 +100,26 @@ def test_aime_samples_differ_and_greedy_benchmarks_take_one(e2e):
 
 
 def test_mathvista_parquet_and_json_agree_gold_is_option_text(tmp_path):
-    a = B.load_benchmark("mathvista", F.write_mathvista(str(tmp_path)), str(tmp_path / "c1"))
+    a = B.load_benchmark("mathvista", F.write_mathvista(str(tmp_path)), str(tmp_path / "c1"), split="testmini")
     b = B.load_benchmark("mathvista", F.write_mathvista_json(str(tmp_path)), str(tmp_path / "c2"))
-    for recs in (a, b):
+    c = B.load_benchmark("mathvista", F.write_mathvista_saved(str(tmp_path)), str(tmp_path / "c3"))
+    for recs in (a, b, c):
+        assert [r.problem for r in recs] == [r["query"] for r in F.MATHVISTA_ROWS]  # the official prompt
         mc = recs[0]
         assert mc.choices == ["4.5", "3", "7"] and mc.answer == "4.5"
         assert recs[2].meta["precision"] == 2 and recs[2].meta["answer_type"] == "float"
         assert "precision" not in recs[1].meta and recs[1].choices is None
         assert all(len(r.images) == 1 and os.path.isfile(r.images[0]) for r in recs)
-    assert [r.id for r in a] == [r.id for r in b] == ["1", "2", "3", "4"]
+    assert [r.id for r in a] == [r.id for r in b] == [r.id for r in c] == ["1", "2", "3", "4"]
     assert Image.open(a[0].images[0]).size == (56, 84)  # decoded_image (the struct) wins over the path column
 
 
 def test_wemath_one_string_options_and_group_ids(tmp_path):
     recs = B.load_benchmark("wemath", F.write_wemath(str(tmp_path)), str(tmp_path / "c"))
-    assert [r.id for r in recs] == ["1_2steps_1", "1_2steps_2", "1_2steps_multi", "2_1step"]
-    assert recs[0].choices == ["3", "4", "5", "6"] and recs[3].choices == ["30°", "60°"]
-    assert recs[2].meta == {"group": "1", "key": "2steps_multi", "knowledge concept": "Area"}
+    assert [r.id for r in recs] == [f"{i}_{k}" for i, k, _, _ in F.WEMATH_ITEMS]
+    assert recs[0].choices == ["3", "4", "5", "6"] and recs[7].choices == ["30°", "60°"]
+    assert recs[2].meta == {"group": "1", "key": "2steps_multi", "knowledge concept": "Area", "options_in_problem": True}
+    assert recs[0].problem == "Step 2steps_1?\nA. 3;B. 4;C. 5;D. 6"  # lmms-eval: question + "\n" + option
     assert B._wemath_options("A. x; y;B. (B) z", "w") == ["x; y", "(B) z"]
     with pytest.raises(D.DataError, match="column 'option'"):
         B._wemath_options("A) 1 / B) 2", "wemath: f row 3")
@@ -121,22 +128,26 @@ def test_wemath_one_string_options_and_group_ids(tmp_path):
 def test_dynamath_folder_of_variants(tmp_path):
     recs = B.load_benchmark("dynamath", F.write_dynamath(str(tmp_path)), str(tmp_path / "c"))
     assert len(recs) == 20 and recs[0].id == "1_v1" and recs[-1].id == "2_v10"
-    assert recs[-1].meta["variant"] == 10 and recs[-1].meta["qid"] == "2" and recs[0].answer == "0.5"
-    with pytest.raises(D.DataError, match="variant"):
-        B.load_benchmark("dynamath", os.path.join(tmp_path, "dynamath", "sample_variant1.parquet"), str(tmp_path))
+    assert recs[-1].meta["variant"] == 10 and recs[-1].meta["qid"] == "2" and recs[0].answer == "2.094"
+    one = B.load_benchmark("dynamath", os.path.join(tmp_path, "DynaMath_Sample", "data", "sample3-00000-of-00003.parquet"),
+                           str(tmp_path / "c1"))
+    assert [r.id for r in one] == ["1_v3", "2_v3"]  # a single variant file keeps its variant
+    bad = F.write_parquet(str(tmp_path / "dyn" / "test.parquet"), F._dynamath_rows(1), {"decoded_image": F.IMAGE_STRUCT})
+    with pytest.raises(D.DataError, match="no variant"):
+        B.load_benchmark("dynamath", bad, str(tmp_path))
 
 
 def test_mathverse_prefers_query_cot_else_question(tmp_path):
-    path = F.write_mathverse(str(tmp_path))
+    path = os.path.join(F.write_mathverse(str(tmp_path)), "testmini.parquet")
     recs = B.load_benchmark("mathverse", path, str(tmp_path / "c"))
-    assert recs[0].problem.startswith("Please reason step by step") and recs[3].images == []
+    assert recs[0].problem.startswith("Please first conduct reasoning") and recs[4].images == []
     pq.write_table(pq.read_table(path).drop(["query_cot"]), path)
     recs = B.load_benchmark("mathverse", path, str(tmp_path / "c"))
-    assert recs[0].problem == "Find x (Text Dominant)."
+    assert recs[0].problem == "Find x.\nChoices:\nA:1\nB:3\nC:5\nD:7"
 
 
 def test_gpqa_shuffle_is_fixed_and_gold_is_the_letter(tmp_path):
-    path = F.write_gpqa(str(tmp_path))
+    path = os.path.join(F.write_gpqa(str(tmp_path)), "gpqa_diamond.csv")
     a = B.load_benchmark("gpqa", path, str(tmp_path), seed=0)
     b = B.load_benchmark("gpqa", path, str(tmp_path), seed=0)
     c = B.load_benchmark("gpqa", path, str(tmp_path), seed=1)
@@ -174,9 +185,9 @@ def test_unknown_benchmark_name_for_non_jsonl(tmp_path):
 def test_missing_column_names_bench_row_and_column(tmp_path):
     rows = [dict(r, decoded_image=F.image_struct()) for r in F.MATHVISTA_ROWS]
     for r in rows:
-        del r["question"]
+        del r["question"], r["query"]
     path = F.write_parquet(str(tmp_path / "mv.parquet"), rows, {"decoded_image": F.IMAGE_STRUCT})
-    with pytest.raises(D.DataError, match=r"mathvista: .*mv.parquet row 0: column 'question' is missing"):
+    with pytest.raises(D.DataError, match=r"mathvista: .*mv.parquet row 0: column 'query' or 'question' is missing"):
         B.load_benchmark("mathvista", path, str(tmp_path))
     aime = F.write_jsonl(str(tmp_path / "a.jsonl"), [{"prompt": "x", "answer": "1"}])
     with pytest.raises(D.DataError, match="column 'problem' or 'question' is missing"):
@@ -200,7 +211,8 @@ def test_cli_bad_input_exits_with_one_line_and_help_lists_fields(tmp_path):
     cfg = parse_config(E.EvalConfig, ["--blank_images", "--bench", "a=b.jsonl", "--samples", "4"])
     assert cfg.blank_images and cfg.bench == "a=b.jsonl" and cfg.samples == 4  # a bare flag, as in CONTRACT
     text = config_help(E.EvalConfig)
-    assert all(f"--{name}" in text for name in ("samples", "blank_images", "score_only", "limit", "max_prompt_len"))
+    assert all(f"--{name}" in text for name in ("samples", "blank_images", "score_only", "limit", "max_prompt_len",
+                                                "split"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,16 +327,16 @@ def test_limit_then_full_run_generates_only_the_rest(use_tiny, tmp_path, monkeyp
     assert sum(calls) == 4 and res["math500"]["n"] == 2
     calls.clear()
     res = E.main(_cfg(tmp_path / "o", bench))
-    assert sum(calls) == 1 and res["math500"]["n"] == 3 and res["custom"]["n"] == 2
+    assert sum(calls) == 2 and res["math500"]["n"] == 4 and res["custom"]["n"] == 2
     rows = _rows(tmp_path / "o")
-    assert len(rows) == 5 == len({(r["bench"], r["id"], r["sample"]) for r in rows})
+    assert len(rows) == 6 == len({(r["bench"], r["id"], r["sample"]) for r in rows})
     with pytest.raises(E.ConfigError, match="max_new_tokens"):  # another decoding setup never mixes in
         E.main(_cfg(tmp_path / "o", bench, max_new_tokens=4))
 
 
 def test_interrupted_run_resumes_without_regenerating(use_tiny, tmp_path, monkeypatch):
     bench = {"math500": F.write_math500(str(tmp_path)), "gpqa": F.write_gpqa(str(tmp_path))}
-    cfg = _cfg(tmp_path / "o", bench, batch_size=1)
+    cfg = _cfg(tmp_path / "o", bench, batch_size=1, split="gpqa=gpqa_diamond")
     _count_generated(monkeypatch, fail_after=2)
     with pytest.raises(Interrupted):
         E.main(cfg)
@@ -333,9 +345,9 @@ def test_interrupted_run_resumes_without_regenerating(use_tiny, tmp_path, monkey
         f.write('{"bench": "math500", "id": "test/alg')  # a line cut by the kill
     calls = _count_generated(monkeypatch)
     res = E.main(cfg)
-    assert sum(calls) == 4 and res["math500"]["n"] == 3 and res["gpqa"]["n"] == 3
+    assert sum(calls) == 5 and res["math500"]["n"] == 4 and res["gpqa"]["n"] == 3
     rows = _rows(tmp_path / "o")
-    assert len(rows) == 6 == len({(r["bench"], r["id"], r["sample"]) for r in rows})
+    assert len(rows) == 7 == len({(r["bench"], r["id"], r["sample"]) for r in rows})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -470,7 +482,7 @@ def test_torchrun_two_ranks_give_the_same_greedy_predictions(trained_tiny, tmp_p
     paths = {"math500": F.write_math500(str(tmp_path)), "mathvista": F.write_mathvista(str(tmp_path)),
              "custom": F.write_project(str(tmp_path))}  # fmt: skip
     args = ["eval.py", "--model", ckpt, "--bench", ",".join(f"{k}={v}" for k, v in paths.items()),
-            "--max_new_tokens", "24", "--batch_size", "2"]  # fmt: skip
+            "--max_new_tokens", "24", "--batch_size", "2", "--split", "mathvista=testmini"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     outs = {}
     for name, launcher in (("one", [sys.executable]),
@@ -480,8 +492,17 @@ def test_torchrun_two_ranks_give_the_same_greedy_predictions(trained_tiny, tmp_p
                            timeout=600)  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         outs[name] = {(x["bench"], x["id"], x["sample"]): x for x in _rows(out)}
-    assert len(outs["one"]) == 9 and outs["one"].keys() == outs["two"].keys()
+    assert len(outs["one"]) == 10 and outs["one"].keys() == outs["two"].keys()
     for key, row in outs["one"].items():
         assert outs["two"][key]["response"] == row["response"], key
     assert any(not r["truncated"] for r in outs["one"].values())  # the trained model stops on its own
     assert json.load(open(tmp_path / "one" / "results.json")) == json.load(open(tmp_path / "two" / "results.json"))
+
+
+def test_split_flag_for_every_or_one_benchmark():
+    assert E.parse_split("testmini", ["mathverse", "mathvista"]) == {"mathverse": "testmini", "mathvista": "testmini"}
+    assert E.parse_split("gpqa=gpqa_diamond,mathvista=testmini", ["gpqa", "mathvista", "x"]) == {
+        "gpqa": "gpqa_diamond", "mathvista": "testmini"}
+    assert E.parse_split(None, ["gpqa"]) == {}
+    with pytest.raises(E.ConfigError, match=r"--split: expected LABEL=NAME with LABEL one of \['gpqa'\], got 'gqpa=x'"):
+        E.parse_split("gqpa=x", ["gpqa"])
