@@ -70,6 +70,7 @@ class AblateConfig:
     devices: str = ""  # GPU ids (0,1,2,3): one run per nproc of them at a time, via CUDA_VISIBLE_DEVICES
     parallel: int = 1  # runs at once when no devices are given (CPU)
     threads: int = 0  # OMP_NUM_THREADS of every run; 0 = the environment's
+    dry_run: bool = False  # print what is left to run (the command lines) and stop
 
 
 @dataclass
@@ -412,6 +413,13 @@ def main(argv: list[str] | None = None) -> dict:
     todo = [(r, t) for r, t in work if t]
     print(f"ablate: {cfg.stage}, {key} = {', '.join(dict.fromkeys(r.value for r in runs))}, seeds {cfg.seeds}: "
           f"{len(todo)} to run, {len(work) - len(todo)} finished already", flush=True)
+    if cfg.dry_run:
+        for run, steps_left in todo:
+            for what, cmd, _ in steps_left:
+                print(f"{run.name}: {what}: {' '.join(cmd)}")
+        return {}
+    if todo and cfg.model not in ("tiny", "tiny-qwen") and not os.path.isdir(cfg.model):
+        raise C.ConfigError(f"--model {cfg.model}: no such checkpoint directory (the starting point of every run)")
     failures = execute(todo, slots(cfg)) if todo else []
     summary = summarize(cfg, key, runs)
     os.makedirs(cfg.out_dir, exist_ok=True)
