@@ -97,3 +97,39 @@ def test_two_variants_two_seeds_as_a_process_table_from_the_runs_own_results_and
     assert "0 to run, 5 finished already" in second.stdout and "train done" not in second.stdout
     assert {p: os.path.getmtime(p) for p in stamps} == stamps
     assert json.load(open(os.path.join(out, "ablation.json"))) == summary
+
+
+def test_table_plot_and_verdict_from_results_files_on_disk(tmp_path):
+    """The table is read back from the runs' own results.json (eval.py's format): Table 4's twin's numbers."""
+    seeds = [0, 1, 2]
+    mm = {"paper": [0.558, 0.562, 0.562], "filter": [0.550, 0.548, 0.554], "off": [0.548, 0.516, 0.548]}
+    blank = {"paper": [0.074, 0.078, 0.090], "filter": [0.088, 0.076, 0.080], "off": [0.078, 0.098, 0.092]}
+
+    def write(run_dir, name, results):
+        os.makedirs(os.path.join(run_dir, name), exist_ok=True)
+        with open(os.path.join(run_dir, name, "results.json"), "w") as f:
+            json.dump({k: {"accuracy": v, "n": 500} for k, v in results.items()}, f)
+
+    cfg = A.AblateConfig(model="tiny", bench="mm=a.jsonl,text=b.jsonl", blank="mm", vary="pad_mode=paper,filter,off",
+                         seeds=seeds, out_dir=str(tmp_path))
+    key, runs, _ = A.plan(cfg, [])
+    for run in runs:
+        os.makedirs(os.path.join(run.dir, "train", "final"))
+        write(run.dir, "eval", {"mm": mm[run.value][run.seed], "text": 0.7})
+        write(run.dir, "eval_blank", {"mm": blank[run.value][run.seed]})
+    write(os.path.join(str(tmp_path), "start"), "eval", {"mm": 0.482, "text": 0.704})
+    write(os.path.join(str(tmp_path), "start"), "eval_blank", {"mm": 0.088})
+    os.remove(os.path.join(runs[-1].dir, "eval", "results.json"))  # off, seed 2 not evaluated yet: left out
+    s = A.summarize(cfg, key, runs)
+    md = A.markdown(s)
+    assert s["columns"] == ["mm", "text", "mm_blank"] and s["start"] == {"mm": 0.482, "text": 0.704, "mm_blank": 0.088}
+    assert "| paper | 0.561 | 0.558 | 0.562 | 0.562 | 0.002 | 0.004 | +7.9 |" in md
+    assert "| filter | 0.551 | 0.550 | 0.548 | 0.554 | 0.003 | 0.006 | +6.9 |" in md
+    assert "| off | 0.532 | 0.548 | 0.516 | - | 0.023 | 0.032 | +5.0 |" in md  # two seeds so far
+    assert "| paper | 0.561 (0.002) | 0.700 (0.000) | 0.081 (0.008) |" in md
+    assert [(p["a"], p["b"], p["inside"]) for p in s["comparisons"]] == [
+        ("pad_mode=paper", "pad_mode=filter", False), ("pad_mode=paper", "pad_mode=off", True),
+        ("pad_mode=filter", "pad_mode=off", True)]
+    assert "pad_mode=paper - pad_mode=off: +2.9 points; largest seed range 3.2 points: INSIDE the seed spread" in md
+    A.plot(s, str(tmp_path / "a.png"))
+    assert os.path.getsize(tmp_path / "a.png") > 5000

@@ -122,7 +122,9 @@ def test_model_text_is_escaped(tmp_path):
     rows[-1]["prompt_id"] = rows[-2]["prompt_id"] = "p1'><script>"
     with open(os.path.join(run, "rollouts.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.remove(os.path.join(run, "metrics.jsonl"))  # the steps then come from rollouts.jsonl, the curves are empty
     page = open(V.build(V.ViewerConfig(run_dir=run)), encoding="utf-8").read()
+    assert "<option>step 1</option><option>step 2</option>" in page and page.count("(not logged)") == len(V.CURVES)
     assert page.count("<script") == 1  # ours only
     assert "onerror=alert(1)>" not in page and "<img src=x" not in page
     assert html.escape('<script>alert("x")</script>', quote=True) in page
