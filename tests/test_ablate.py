@@ -133,3 +133,16 @@ def test_table_plot_and_verdict_from_results_files_on_disk(tmp_path):
     assert "pad_mode=paper - pad_mode=off: +2.9 points; largest seed range 3.2 points: INSIDE the seed spread" in md
     A.plot(s, str(tmp_path / "a.png"))
     assert os.path.getsize(tmp_path / "a.png") > 5000
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_named_with_its_log_and_the_command_exits_non_zero(synth_dir, tmp_path):
+    out = str(tmp_path / "abl")
+    cmd = [sys.executable, os.path.join(ROOT, "ablate.py"), "--model=tiny", "--vary=pad_mode=bogus", "--seeds=0",
+           f"--bench=mm={synth_dir}/mm_test.jsonl", "--eval_start=false", f"--out_dir={out}",
+           f"--data={synth_dir}/mm_train.jsonl", "--max_steps=1", "--threads=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    log = os.path.join(out, "runs", "pad_mode=bogus", "seed0", "train.log")
+    assert r.returncode != 0 and "pad_mode=bogus seed 0: train exited 1" in r.stderr and log in r.stderr
+    assert "pad_mode 'bogus'" in open(log).read()  # the stage's own one-line error, kept in the run's log
+    assert json.load(open(os.path.join(out, "ablation.json")))["variants"][0]["runs"] == []  # nothing counted
