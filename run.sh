@@ -3,7 +3,8 @@
 # randomly initialised Qwen2.5-VL (model=tiny):
 #   synthetic data -> eval (untrained) -> cold-start SFT -> eval -> multimodal GRPO -> eval -> text GRPO -> eval
 # Each eval is greedy on the held-out multimodal and text splits, plus the multimodal split with every image
-# blanked (does the model use the image?). Prints one table; writes OUT_DIR/summary.json and OUT_DIR/curves.png.
+# blanked (does the model use the image?). Prints one table; writes OUT_DIR/summary.json and OUT_DIR/curves.png,
+# and a rollout page per RL stage (OUT_DIR/grpo_mm/rollouts.html, OUT_DIR/grpo_text/rollouts.html; viewer.py).
 #
 #   bash run.sh [OUT_DIR]          (default out/pipeline; SEED=1 bash run.sh out/seed1 for another seed)
 #
@@ -65,12 +66,14 @@ echo "== stage 2: multimodal GRPO (PAD, efficient-length reward, no KL, no entro
 timed grpo_mm python grpo_mm.py --model "$OUT/sft/final" --seed "$SEED" --data "$DATA/mm_train.jsonl" \
   --out_dir "$OUT/grpo_mm" --max_steps 100 --rollout_batch 64 --group_size 8 --max_new_tokens 64 --lr 5e-5 \
   --len_budget 150 --mini_batch 128 --micro_batch 32 --entropy_beta0 0 --save_every 25
+python viewer.py "$OUT/grpo_mm"  # prints the path of the stage's rollout page (open it in a browser)
 evaluate grpo_mm "$OUT/grpo_mm/final"
 
 echo "== stage 3: text GRPO (vision tower frozen, KL 2e-3 to the stage-2 model)"
 timed grpo_text python grpo_text.py --model "$OUT/grpo_mm/final" --seed "$SEED" --data "$DATA/text_train.jsonl" \
   --out_dir "$OUT/grpo_text" --max_steps 100 --rollout_batch 32 --group_size 8 --max_new_tokens 64 --lr 5e-5 \
   --len_budget 150 --mini_batch 64 --micro_batch 32 --entropy_warmup 40 --save_every 25
+python viewer.py "$OUT/grpo_text"
 evaluate grpo_text "$OUT/grpo_text/final"
 
 python report.py "$OUT"
