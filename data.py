@@ -74,6 +74,18 @@ def open_image(path: str, where: str) -> Image.Image:
         raise DataError(f"{where}: field 'images': cannot decode image {path}: {e}") from None
 
 
+def image_size(path: str, where: str) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels (a start-up check that costs a
+    file open per image, not a decode: the pixels are decoded on the rank that uses them, when it does)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{where}: field 'images': image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: field 'images': cannot decode image {path}: {e}") from None
+
+
 def _check_str(obj: dict, key: str, where: str, required: bool) -> str | None:
     value = obj.get(key)
     if value is None:
@@ -201,6 +213,19 @@ def encode_prompt(record: Record, processor, prompt: str = REASONING_PROMPT, pla
         raise DataError(f"{record.source}: field 'problem': prompt is {len(ids)} tokens, over max_prompt_len "
                         f"{max_prompt_len}")  # fmt: skip
     return EncodedPrompt(record, ids, pixel_values, grid)
+
+
+def prompt_length(record: Record, processor, prompt: str = REASONING_PROMPT, placement: str = "system") -> int:
+    """Prompt tokens as encode_prompt makes them, from the image sizes alone: each image's header is read, its
+    pixels are not decoded (the processor's min/max pixel bounds give its token count)."""
+    tok, ip = processor.tokenizer, processor.image_processor
+    text = tok.apply_chat_template(build_messages(record, prompt, placement), tokenize=False,
+                                   add_generation_prompt=True)
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    for path in record.images:
+        w, h = image_size(path, record.source)
+        n += ip.get_number_of_image_patches(h, w, {}) // ip.merge_size**2 - 1
+    return n
 
 
 def encode_completion(text: str, tokenizer) -> list[int]:

@@ -63,7 +63,6 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 import benchmarks as B
 import data as D
@@ -95,24 +94,13 @@ class EvalConfig:
     max_prompt_len: int = 0  # a longer prompt is an error naming the item (0 = no limit)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     dist_timeout_min: int = 180  # collective timeout (minutes)
+    min_pixels: int = 0  # images resized to at least this many pixels (0: the checkpoint's own bound)
+    max_pixels: int = 0  # and at most this many: max_pixels / 784 tokens per image (0: the checkpoint's own)
     split: str = ""  # a folder's split/config: NAME for every bench, or LABEL=NAME[,LABEL=NAME...] ("" = the only one)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Generation
-
-
-def prompt_length(record: D.Record, processor, prompt: str, placement: str) -> int:
-    """Prompt tokens as encode_prompt makes them, from the image sizes alone (no pixel processing)."""
-    tok, ip = processor.tokenizer, processor.image_processor
-    text = tok.apply_chat_template(D.build_messages(record, prompt, placement), tokenize=False,
-                                   add_generation_prompt=True)  # fmt: skip
-    n = len(tok(text, add_special_tokens=False)["input_ids"])
-    for p in record.images:
-        with Image.open(p) as im:
-            w, h = im.size
-        n += ip.get_number_of_image_patches(h, w, {}) // ip.merge_size**2 - 1
-    return n
 
 
 def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -169,7 +157,7 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
     if blank_images:
         records = B.blank_record_images(records)
     jobs = [(r, s) for r in records for s in range(samples) if (r.id, s) not in skip]
-    lengths = {id(r): prompt_length(r, processor, prompt, placement) for r in records}
+    lengths = {id(r): D.prompt_length(r, processor, prompt, placement) for r in records}
     batches = plan_batches([lengths[id(r)] for r, _ in jobs], batch_size)
     gen_cfg = S.generation_config(processor.tokenizer, temperature, top_p, max_new_tokens)
     rows: list[dict] = []
@@ -349,6 +337,7 @@ def main(cfg: EvalConfig) -> dict | None:
     images = os.path.join(cfg.out_dir, "images")
     loaded = [(lb, B.load_benchmark(lb, p, images, cfg.limit, cfg.seed, splits.get(lb))) for lb, p in benches]
     model, processor = M.load_model(cfg.model, dtype=dtype, device=d.device)
+    M.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     jobs = {}
     for label, records in loaded:
         k = cfg.samples or (B.BENCHMARKS[label].samples if label in B.BENCHMARKS else 1)

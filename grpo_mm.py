@@ -67,7 +67,9 @@ class GRPOConfig:
     rollout_micro_batch: int = 16  # prompts per generate call per rank (memory knob)
     temperature: float = 1.0  # sampling temperature (paper 1.0); log-probs use logits / temperature
     top_p: float = 0.95  # paper Table 5
-    max_prompt_len: int = 1024  # paper: 8192
+    max_prompt_len: int = 1024  # paper: 8192; longer prompts are dropped at start (counted and printed)
+    min_pixels: int = 0  # images resized to at least this many pixels (0: the checkpoint's own bound)
+    max_pixels: int = 0  # and at most this many: max_pixels / 784 tokens per image (0: the checkpoint's own)
     max_new_tokens: int = 64  # paper: 8192
     min_new_tokens: int = 0  # 0: none (benchmarks set it to max_new_tokens for equal work)
     hf_generate: bool = False  # sample with HF `model.generate` itself (same distribution, slower on CPU)
@@ -389,6 +391,28 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
     return policy, core, processor, prompt, placement, ref
 
 
+def fitting_prompts(records: list[D.Record], processor, prompt: str, placement: str, max_prompt_len: int,
+                    d: C.Dist) -> list[D.Record]:
+    """The records whose prompt fits `max_prompt_len`, decided once at start (as EasyR1's filter_overlong_prompts)
+    rather than by an error in the middle of a step. Rank 0 measures every prompt from its text and image
+    headers (a missing or unreadable image is an error here, naming its record); every rank takes its answer."""
+    keep, error = None, None
+    if d.main:
+        try:
+            keep = [i for i, r in enumerate(records) if D.prompt_length(r, processor, prompt, placement) <= max_prompt_len]
+        except D.DataError as e:
+            error = str(e)
+    keep, error = C.broadcast_object((keep, error), d)
+    if error:
+        raise D.DataError(error)
+    if not keep:
+        raise D.DataError(f"no prompt of {len(records)} fits max_prompt_len {max_prompt_len}")
+    if d.main and len(keep) < len(records):
+        print(f"dropped {len(records) - len(keep)} of {len(records)} prompts over max_prompt_len {max_prompt_len}",
+              flush=True)
+    return [records[i] for i in keep]
+
+
 def validate_config(cfg: GRPOConfig, world: int) -> None:
     """Refuse, with one line naming the field, what would otherwise fail mid-run or train silently wrong."""
     if not cfg.data:
@@ -399,6 +423,9 @@ def validate_config(cfg: GRPOConfig, world: int) -> None:
                  "max_new_tokens", "max_prompt_len", "max_bad_steps", "grade_workers"):
         if getattr(cfg, name) < 1:
             raise C.ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.min_pixels < 0 or cfg.max_pixels < 0 or (cfg.min_pixels and cfg.max_pixels and cfg.min_pixels > cfg.max_pixels):
+        raise C.ConfigError(f"--min_pixels / --max_pixels: 0 (the checkpoint's) or 0 < min <= max, got "
+                            f"{cfg.min_pixels}, {cfg.max_pixels}")
     if cfg.rollout_batch % world:
         raise C.ConfigError(f"--rollout_batch {cfg.rollout_batch} does not divide over {world} ranks")
     C.check_choice("pad_mode", cfg.pad_mode, ("paper", "released", "filter", "off"))
@@ -420,8 +447,10 @@ def train(cfg: GRPOConfig) -> str:
     d = C.init_distributed(timeout_min=cfg.dist_timeout_min)
     C.seed_everything(cfg.seed * 1000 + d.rank)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    records = D.load_records(cfg.data, image_dir=cfg.image_dir)
+    records = D.load_records(cfg.data, image_dir=cfg.image_dir, check_images=False)  # checked by rank 0 below
     policy, core, processor, prompt, placement, ref = setup_policy(cfg, d)
+    M.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
+    records = fitting_prompts(records, processor, prompt, placement, cfg.max_prompt_len, d)
     hf = core.model
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)  # constant lr
@@ -438,7 +467,10 @@ def train(cfg: GRPOConfig) -> str:
     metrics, rollouts_log = (C.JsonlLog(os.path.join(cfg.out_dir, f), d.main) for f in ("metrics.jsonl", "rollouts.jsonl"))
     metrics.truncate_after(start)
     rollouts_log.truncate_after(start)
-    eval_records = D.load_records(cfg.eval_data, limit=cfg.eval_limit, image_dir=cfg.image_dir) if cfg.eval_data else []
+    eval_records = []
+    if cfg.eval_data:
+        eval_records = D.load_records(cfg.eval_data, limit=cfg.eval_limit, image_dir=cfg.image_dir, check_images=False)
+        eval_records = fitting_prompts(eval_records, processor, prompt, placement, cfg.max_prompt_len, d)
     wandb = _wandb(cfg, d)
     t_start = time.time()
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not d.main, desc=cfg.stage)
@@ -603,8 +635,11 @@ def validate(core: M.Policy, processor, records, prompt: str, placement: str, cf
     """Greedy accuracy on the held-out split through eval.py's scoring (in-loop validation)."""
     import eval as evaluation
 
+    # Greedy, one sample per prompt, in generate calls as large as a rollout call (rollout_micro_batch prompts
+    # x group_size rows): validation needs no more KV-cache memory than the rollouts already do.
     res = evaluation.evaluate_records(core, processor, records, prompt=prompt, placement=placement,
-                                      max_new_tokens=cfg.max_new_tokens, batch_size=64, dist=d)  # fmt: skip
+                                      max_new_tokens=cfg.max_new_tokens, dist=d,
+                                      batch_size=cfg.rollout_micro_batch * cfg.group_size)
     return {"val_acc": res["accuracy"], "val_format": res.get("format", 0.0), "val_resp_len": res.get("resp_len", 0.0)}
 
 

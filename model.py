@@ -167,6 +167,17 @@ def build_processor(tokenizer, image_processor) -> ImageOnlyProcessor:
     return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
+def set_pixel_bounds(processor, min_pixels: int = 0, max_pixels: int = 0) -> None:
+    """Images are resized (aspect ratio kept, sides multiples of 28) to between `min_pixels` and `max_pixels`
+    pixels, so an image costs at most max_pixels / 784 tokens; 0 keeps the checkpoint's own bound (Qwen2.5-VL's
+    processor ships 3,136 and 12,845,056: up to 16k tokens for one image)."""
+    ip = processor.image_processor
+    low, high = min_pixels or ip.size["shortest_edge"], max_pixels or ip.size["longest_edge"]
+    if not 0 < low <= high:
+        raise ValueError(f"min_pixels {low} must be positive and at most max_pixels {high}")
+    ip.size = {"shortest_edge": low, "longest_edge": high}
+
+
 def load_processor(path: str) -> ImageOnlyProcessor:
     from transformers import AutoTokenizer
 

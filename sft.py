@@ -103,6 +103,8 @@ class SFTConfig:
     gradient_checkpointing: bool = False  # 7B: true
     freeze_vision: bool = False  # paper: full fine-tune
     image_dir: str = ""  # folder for relative image paths ("" = each JSONL file's own folder)
+    min_pixels: int = 0  # images resized to at least this many pixels (0: the checkpoint's own bound)
+    max_pixels: int = 0  # and at most this many: max_pixels / 784 tokens per image (0: the checkpoint's own)
     group_by_length: bool = True  # micro-batches of similar length (less padding)
     prompt: str = ""  # "" = what the starting checkpoint was trained with (else the paper's Fig. 5 prompt)
     placement: str = ""  # system (paper Fig. 5) | user (released code); "" = as the checkpoint recorded (else system)
@@ -306,6 +308,7 @@ def train(cfg: SFTConfig) -> str:
     from_rank0 = d.on and os.path.isdir(cfg.model)  # a checkpoint: read by rank 0 only (model.shard)
     model, processor = M.load_model(cfg.model, seed=cfg.seed, on_meta=from_rank0 and not d.main)
     tok, image_token_id = processor.tokenizer, model.config.image_token_id
+    M.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     train_ex = build_examples(train_rec, processor, cfg)
     eval_ex = build_examples(eval_rec, processor, cfg) if eval_rec else []
     lengths = [e.length for e in train_ex]

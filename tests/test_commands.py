@@ -222,3 +222,26 @@ def test_bad_config_exits_with_one_line_naming_the_field(stage, args, field, dat
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"--{field}" in last, r.stderr[-2000:]
+
+
+def test_grpo_drops_overlong_prompts_at_start_and_resizes_large_images(data, tmp_path):
+    """RL data with a prompt over --max_prompt_len and an image far over --max_pixels: the run starts, says how
+    many prompts it dropped, and trains on the rest, the large image resized to the pixel bound."""
+    from PIL import Image
+
+    rows = read_jsonl(f"{data}/mm_train.jsonl")[:4]
+    for r in rows:
+        r["images"] = [os.path.join(data, p) for p in r["images"]]  # absolute paths, as users write them
+    Image.new("RGB", (1600, 1200), "white").save(tmp_path / "large.png")
+    rows.append(dict(rows[0], id="large_image", images=[str(tmp_path / "large.png")]))
+    rows.append(dict(rows[1], id="long_prompt", problem="Add the numbers. " * 200))
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "run")
+    r = run([sys.executable, "grpo_mm.py", "--model", "tiny", "--data", str(path), "--out_dir", out, "--max_steps",
+             "2", "--max_prompt_len", "400", "--max_pixels", str(112 * 112), "--rollout_batch", "5"]
+            + GRPO_SMALL[2:])
+    assert "dropped 1 of 6 prompts over max_prompt_len 400" in r.stdout
+    rollouts = read_jsonl(os.path.join(out, "rollouts.jsonl"))
+    ids = {x["prompt_id"] for x in rollouts}
+    assert "large_image" in ids and "long_prompt" not in ids and len(ids) == 5

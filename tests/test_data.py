@@ -189,3 +189,27 @@ def test_length_grouping_cuts_padding():
     plain = sum(D.padding_fraction(lengths[s : s + 8]) for s in range(0, 1000, 8))
     assert grouped < 0.2 * plain
     assert D.padding_fraction([2, 4]) == 0.25
+
+
+def test_prompt_length_from_headers_equals_the_encoded_prompt(tiny, tmp_path):
+    """The start-up filter measures prompts without decoding pixels; it must count what encode_prompt makes,
+    also for an image over the processor's max_pixels (resized, not dropped) and under other pixel bounds."""
+    import copy
+
+    import model as M
+
+    _, p = tiny
+    small = make_image(str(tmp_path / "s.png"), size=(56, 84))
+    huge = make_image(str(tmp_path / "h.png"), size=(900, 700))
+    recs = [D.Record(id="t", problem="What is 2 plus 3?", answer="5", source="t:1"),
+            D.Record(id="s", problem="Count.", answer="1", images=[small], source="t:2"),
+            D.Record(id="h", problem="Count.", answer="1", images=[huge, small], source="t:3")]
+    for bounds in ((0, 0), (28 * 28 * 4, 28 * 28 * 16)):
+        proc = copy.deepcopy(p)
+        M.set_pixel_bounds(proc, *bounds)
+        for r in recs:
+            assert D.prompt_length(r, proc) == len(D.encode_prompt(r, proc).input_ids), (bounds, r.id)
+    enc = D.encode_prompt(recs[2], p)
+    assert int(enc.image_grid_thw[0].prod()) * 14 * 14 <= 224 * 224  # the tiny processor's max_pixels
+    with pytest.raises(D.DataError, match=r"t:9: field 'images': image file not found"):
+        D.prompt_length(D.Record(id="m", problem="x", answer="1", images=[str(tmp_path / "no.png")], source="t:9"), p)
