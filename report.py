@@ -19,7 +19,8 @@ from reward import format_reward
 STAGES = ("base", "sft", "grpo_mm", "grpo_text")
 
 
-def _rows(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a jsonl file ([] when it does not exist yet)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -32,8 +33,8 @@ def _acc(rows: list[dict], bench: str) -> float:
 
 
 def stage_summary(out_dir: str, stage: str, seconds: float) -> dict:
-    rows = _rows(os.path.join(out_dir, "eval", stage, "predictions.jsonl"))
-    blank = _rows(os.path.join(out_dir, "eval", f"{stage}_blank", "predictions.jsonl"))
+    rows = read_jsonl(os.path.join(out_dir, "eval", stage, "predictions.jsonl"))
+    blank = read_jsonl(os.path.join(out_dir, "eval", f"{stage}_blank", "predictions.jsonl"))
     n = max(1, len(rows))
     return {"stage": stage, "mm_acc": _acc(rows, "mm"), "mm_acc_blank": _acc(blank, "mm"),
             "text_acc": _acc(rows, "text"),
@@ -75,13 +76,13 @@ def plot(out_dir: str, path: str) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (key, title) in zip(axes.flat, panels):
         for stage in ("grpo_mm", "grpo_text"):
-            rows = _rows(os.path.join(out_dir, stage, "metrics.jsonl"))
+            rows = read_jsonl(os.path.join(out_dir, stage, "metrics.jsonl"))
             if rows:
                 ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=stage)
         ax.set_title(title)
         ax.set_xlabel("rollout step")
         ax.legend()
-    sft = _rows(os.path.join(out_dir, "sft", "metrics.jsonl"))
+    sft = read_jsonl(os.path.join(out_dir, "sft", "metrics.jsonl"))
     ax = axes.flat[-1]
     if sft:
         ax.plot([r["step"] for r in sft], [r["loss"] for r in sft], label="train")

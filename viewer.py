@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import common as C
-from report import _rows
+from report import read_jsonl
 
 CURVES = [("reward", "reward"), ("acc", "train accuracy"), ("zero_adv_frac", "zero-advantage fraction"),
           ("pad_kept", "PAD kept (sequences)"), ("resp_len", "response length (tokens)"),
@@ -289,7 +289,7 @@ def build(cfg: ViewerConfig) -> str:
     if not os.path.exists(rollouts):
         raise FileNotFoundError(f"{rollouts}: no rollouts.jsonl (is {cfg.run_dir} a grpo_mm / grpo_text out_dir?)")
     run = run_config(cfg.run_dir)
-    metrics = {r["step"]: r for r in _rows(os.path.join(cfg.run_dir, "metrics.jsonl"))}
+    metrics = {r["step"]: r for r in read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))}
     all_steps = sorted(metrics) or sorted({s for s, _ in stream_steps(rollouts, _AnyStep(), 0)})
     chosen = pick_steps(all_steps, cfg.steps)
     data = cfg.data or run.get("data", "")
