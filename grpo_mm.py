@@ -379,7 +379,7 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
         return policy
 
     core = load_and_place(trainable=True)
-    processor = M.build_tiny(cfg.model, cfg.seed)[1] if cfg.model in ("tiny", "tiny-qwen") else M.load_processor(cfg.model)
+    processor = M.load_processor(cfg.model)
     prompt, placement = M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement)
     # the stage's starting model, frozen; only loaded when the KL term is on
     ref = load_and_place(trainable=False) if cfg.kl_coef > 0 else None

@@ -179,8 +179,11 @@ def set_pixel_bounds(processor, min_pixels: int = 0, max_pixels: int = 0) -> Non
 
 
 def load_processor(path: str) -> ImageOnlyProcessor:
+    """The processor of a checkpoint directory, or of the built-in `tiny` / `tiny-qwen` (no model built)."""
     from transformers import AutoTokenizer
 
+    if path in ("tiny", "tiny-qwen"):
+        return build_processor(build_tokenizer(path), build_image_processor(TINY_MIN_PIXELS, TINY_MAX_PIXELS))
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
     if tokenizer.chat_template is None:
