@@ -144,5 +144,6 @@ def test_a_failing_run_is_named_with_its_log_and_the_command_exits_non_zero(synt
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     log = os.path.join(out, "runs", "pad_mode=bogus", "seed0", "train.log")
     assert r.returncode != 0 and "pad_mode=bogus seed 0: train exited 1" in r.stderr and log in r.stderr
-    assert "pad_mode 'bogus'" in open(log).read()  # the stage's own one-line error, kept in the run's log
+    assert "--pad_mode must be one of paper, released, filter, off; got 'bogus'" in open(log).read()  # the stage's
+    # own one-line error, kept in the run's log
     assert json.load(open(os.path.join(out, "ablation.json")))["variants"][0]["runs"] == []  # nothing counted
