@@ -5,6 +5,7 @@ memory bound measured on every tensor the engine allocates."""
 import os
 import weakref
 
+import pytest
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -64,7 +65,7 @@ def test_engine_greedy_matches_hf_row_by_row(tiny, synth_dir):
     assert got == lengths
     new = ref[:, width:]
     assert not torch.equal(new[0], new[n]) and not torch.equal(new[0], new[1]), "rows must differ"
-    for slots in (0, 1, 2, 5):
+    for slots in (0, 2, 5):
         stats = {}
         out = E.generate(model, **once, generation_config=gc, num_return_sequences=n, slots=slots,
                          logits_hook=steer.hook, stats=stats)
@@ -153,12 +154,13 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+@pytest.mark.slow  # every op goes through the Python dispatch mode: about 20 s
 def test_engine_memory_allocated_once_and_bounded(tiny, synth_dir):
     model, processor = tiny
     enc = _prompts(synth_dir, processor)
     gc = S.generation_config(processor.tokenizer, 0.0, 1.0, 8)
     peaks, outs = [], []
-    for copies in (2, 8):  # 16 then 64 sequences through the same 4 slots
+    for copies in (2, 4):  # 16 then 32 sequences through the same 4 slots
         batch = _collate(model, processor, enc * copies)
         stats = {}
         with LiveTensorBytes() as mem:
