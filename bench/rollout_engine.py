@@ -12,8 +12,9 @@ it as a LogitsProcessor) forces the end-of-turn token at that step and forbids i
 Reported per engine: useful tokens/s (completion tokens up to and including the end of turn, over wall time),
 slot utilisation (useful tokens / row-steps decoded: today's loop and HF decode every row of a call until
 its longest row ends; the engine's row-steps are its slots x sampling steps), and the KV rows held. HF runs on
-the first `--hf_prompts` prompts only (compared per useful token). The last line is a JSON summary with the
-ratios.
+the first `--hf_prompts` prompts only (compared per useful token). Wall time and process CPU time are both
+reported (one thread: CPU time is what a shared machine's other jobs do not inflate). The last line is a JSON
+summary with the ratios.
 
     python bench/rollout_engine.py              # 32 prompts x 8, 192 tokens max, 8 prompts per call / 64 slots
     python bench/rollout_engine.py --quick      # 8 prompts x 4, 48 tokens max, 2 prompts per call / 8 slots
@@ -44,13 +45,16 @@ def schedule(num: int, median: float, sigma: float, cap: int, seed: int) -> list
 
 def forced_end(lengths, end_id: int, eos_ids: list[int]):
     """hook(seq, step, logits): sequence `seq` samples `end_id` at new-token step lengths[seq] - 1 and no
-    end-of-turn token before."""
+    end-of-turn token before. Past its end a row's logits are left as the model made them (end-of-turn banned),
+    as in a real rollout, where a loop that keeps decoding a finished row samples from a full distribution (an
+    earlier version forced every step past the end too, which let the decode loop's top-p check skip those
+    rows: x2.1 instead of x3.4 per CPU second, BENCHMARKS.md)."""
     import torch
 
     target = torch.tensor(lengths)
 
     def hook(seq, step, logits):
-        end = step >= target[seq] - 1
+        end = step == target[seq] - 1
         logits[:, eos_ids] = -float("inf")
         logits[end] = -float("inf")
         logits[end, end_id] = 0.0
@@ -110,7 +114,7 @@ def main() -> None:
         return len(new[0]) if new else 0
 
     def run_loop(use_hf: bool, num_prompts: int) -> dict:
-        row_steps, t0 = 0, time.perf_counter()
+        row_steps, t0, c0 = 0, time.perf_counter(), time.process_time()
         for s in range(0, num_prompts, a.micro_batch):
             chunk = enc[s : min(num_prompts, s + a.micro_batch)]
             batch = collate(chunk)
@@ -136,20 +140,22 @@ def main() -> None:
                 width = batch["input_ids"].shape[1]
                 out = S.generate(hf, **batch, generation_config=gc, num_return_sequences=n, logits_hook=local)
             row_steps += check(out, width, offset) * len(chunk) * n
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         useful = sum(lengths[: num_prompts * n])
-        return dict(seconds=dt, useful_tokens=useful, tokens_per_s=useful / dt, utilisation=useful / row_steps,
+        return dict(seconds=dt, cpu_seconds=cpu, useful_tokens=useful, tokens_per_s=useful / dt,
+                    tokens_per_cpu_s=useful / cpu, utilisation=useful / row_steps,
                     kv_rows=min(a.micro_batch, num_prompts) * n, sequences=num_prompts * n)
 
     def run_engine() -> dict:
         batch = collate(enc)
         st: dict = {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = E.generate(hf, **batch, generation_config=gc, num_return_sequences=n, slots=slots, logits_hook=hook,
                          stats=st)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         check(out, batch["input_ids"].shape[1], 0)
-        return dict(seconds=dt, useful_tokens=useful_all, tokens_per_s=useful_all / dt,
+        return dict(seconds=dt, cpu_seconds=cpu, useful_tokens=useful_all, tokens_per_s=useful_all / dt,
+                    tokens_per_cpu_s=useful_all / cpu,
                     utilisation=useful_all / (st["slots"] * st["steps"]), kv_rows=st["slots"],
                     sequences=len(enc) * n, kv_mib=st["kv_bytes"] / 2**20, decoder_row_steps=st["row_steps"],
                     steps=st["steps"], prefills=st["prefills"])
@@ -167,16 +173,19 @@ def main() -> None:
         torch.manual_seed(a.seed)
         res[name] = fn()
         r = res[name]
-        print(f"{name:6s}: {r['sequences']} sequences, {r['useful_tokens']} useful tokens in {r['seconds']:.1f} s = "
-              f"{r['tokens_per_s']:.1f} tokens/s, slot utilisation {r['utilisation']:.2f}, {r['kv_rows']} KV rows",
-              flush=True)
+        print(f"{name:6s}: {r['sequences']} sequences, {r['useful_tokens']} useful tokens in {r['seconds']:.1f} s wall "
+              f"({r['cpu_seconds']:.1f} s CPU) = {r['tokens_per_s']:.1f} tokens/s ({r['tokens_per_cpu_s']:.1f} per CPU "
+              f"second), slot utilisation {r['utilisation']:.2f}, {r['kv_rows']} KV rows", flush=True)
     summary = dict(res, date=time.strftime("%Y-%m-%d"), threads=a.threads, model=a.model, prompts=len(enc),
                    group_size=n, max_new_tokens=a.max_new_tokens,
                    engine_vs_loop=res["engine"]["tokens_per_s"] / res["loop"]["tokens_per_s"],
-                   engine_vs_hf=res["engine"]["tokens_per_s"] / res["hf"]["tokens_per_s"])
-    print(f"engine {res['engine']['tokens_per_s']:.1f} tokens/s: x{summary['engine_vs_loop']:.2f} today's loop "
+                   engine_vs_hf=res["engine"]["tokens_per_s"] / res["hf"]["tokens_per_s"],
+                   engine_vs_loop_cpu=res["engine"]["tokens_per_cpu_s"] / res["loop"]["tokens_per_cpu_s"],
+                   engine_vs_hf_cpu=res["engine"]["tokens_per_cpu_s"] / res["hf"]["tokens_per_cpu_s"])
+    print(f"engine {res['engine']['tokens_per_s']:.1f} useful tokens/s: x{summary['engine_vs_loop']:.2f} today's loop "
           f"({res['loop']['tokens_per_s']:.1f}), x{summary['engine_vs_hf']:.2f} HF generate "
-          f"({res['hf']['tokens_per_s']:.1f})")
+          f"({res['hf']['tokens_per_s']:.1f}); per CPU second x{summary['engine_vs_loop_cpu']:.2f} and "
+          f"x{summary['engine_vs_hf_cpu']:.2f}")
     print(json.dumps(summary))
 
 
