@@ -31,8 +31,10 @@ Only the schedule differs:
   buffers up to the longest live row with a per-row length mask and the query heads grouped by KV head
   ((R, kv, group, D) queries against (R, kv, L, D) keys: no K/V copy per query head).
 - **One host sync per decode step**: the sampled tokens (`.tolist()`) drive the bookkeeping (end of turn,
-  slot release, admission). Lengths and the slot map live on the host; positions and hidden states on the
-  device. lm_head and the sampler run on live rows only (the decoder on the slot prefix).
+  slot release, admission); none inside the decoder. (The sampler's own top-p rejection rounds and a prefill
+  add a few more: prompt lengths, image slicing, M-RoPE indices.) Lengths and the slot map live on the host,
+  positions and hidden states on the device. lm_head and the sampler run on live rows only (the decoder on the
+  slot prefix).
 - Deterministic for the torch RNG seed and the slot count (the order of the sampler's draws depends on both;
   greedy outputs depend on neither).
 
