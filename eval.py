@@ -66,6 +66,7 @@ import torch
 
 import benchmarks as B
 import data as D
+import engine as E
 import model as M
 import reward
 import sampling as S
@@ -85,6 +86,7 @@ class EvalConfig:
     top_p: float = -1.0  # < 0: 0.95 when sampling, else 1
     max_new_tokens: int = 4096
     batch_size: int = 16  # prompts per generate call (per rank)
+    slots: int = 0  # engine decode slots per call (KV memory); 0: batch_size; fewer: continuous batching in a batch
     prompt: str = ""  # "" = the prompt recorded in the model's revisual.json (else the paper's Fig. 5 prompt)
     placement: str = ""  # system | user; "" = as the checkpoint recorded (else system)
     blank_images: bool = False  # replace every image by a white one of the same size
@@ -111,7 +113,7 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def _generate_batch(hf, processor, jobs: list[tuple[D.Record, int]], gen_cfg, batch_seed: int, *, bench: str,
-                    prompt: str, placement: str, max_prompt_len: int | None) -> list[dict]:  # fmt: skip
+                    prompt: str, placement: str, max_prompt_len: int | None, slots: int = 0) -> list[dict]:  # fmt: skip
     tok = processor.tokenizer
     encoded: dict[int, D.EncodedPrompt] = {}
     for rec, _ in jobs:
@@ -123,7 +125,7 @@ def _generate_batch(hf, processor, jobs: list[tuple[D.Record, int]], gen_cfg, ba
     devices = [param.device] if param.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG stream is left alone
         torch.manual_seed(batch_seed)
-        out = S.generate(hf, **batch, generation_config=gen_cfg)  # HF generate's output, our decode loop
+        out = E.generate(hf, **batch, generation_config=gen_cfg, slots=slots)  # HF generate's output, engine.py
     new = out[:, batch["input_ids"].shape[1] :].tolist()
     eos = set(gen_cfg.eos_token_id)
     rows = []
@@ -144,7 +146,8 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
                      dist: Dist | None = None, temperature: float = 0.0, blank_images: bool = False,
                      top_p: float = 1.0, samples: int = 1, seed: int = 0, bench: str = "",
                      max_prompt_len: int | None = None, skip: Collection[tuple[str, int]] = (),
-                     on_rows: Callable[[list[dict]], None] | None = None, progress: bool = False) -> dict:  # fmt: skip
+                     on_rows: Callable[[list[dict]], None] | None = None, progress: bool = False,
+                     slots: int = 0) -> dict:  # fmt: skip
     """Generate `samples` responses per record and grade them (reward.grade, a stated final answer counts).
 
     `model` may be an HF model or a (possibly FSDP-sharded) model.Policy: every rank must call, with the same
@@ -152,6 +155,7 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
     {"accuracy", "format", "resp_len" (mean completion tokens incl. EOS), "truncated", "n" (items),
     "responses": the rows (dicts with id, sample, response, extracted, correct, truncated, num_tokens)}.
     `skip` holds (id, sample) pairs already done; `on_rows` gets each round's rows on rank 0.
+    Each batch decodes with engine.py over `slots` decode slots (0: one per row of the batch).
     """
     d = dist or Dist()
     if blank_images:
@@ -173,7 +177,7 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
             if b < len(batches):
                 local = _generate_batch(hf, processor, [jobs[i] for i in batches[b]], gen_cfg,
                                         zlib.crc32(f"{seed}:{bench}:{b}".encode()), bench=bench, prompt=prompt,
-                                        placement=placement, max_prompt_len=max_prompt_len)  # fmt: skip
+                                        placement=placement, max_prompt_len=max_prompt_len, slots=slots)  # fmt: skip
             new = [row for part in all_gather_objects(local, d) for row in part]
             if on_rows is not None and d.main:
                 on_rows(new)
@@ -347,7 +351,7 @@ def main(cfg: EvalConfig) -> dict | None:
             records = B.blank_record_images(records, os.path.join(cfg.out_dir, "images_blank"))
         jobs[label] = {(r.id, s) for r in records for s in range(k)}
         evaluate_records(model, processor, records, prompt=prompt, placement=placement,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, dist=d,
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, dist=d, slots=cfg.slots,
                          temperature=temperature, top_p=top_p, samples=k, seed=cfg.seed, bench=label,
                          max_prompt_len=cfg.max_prompt_len or None, skip={(i, s) for b, i, s in done if b == label},
                          on_rows=lambda rows: _write_jsonl(pred_path, rows, "a"), progress=True)  # fmt: skip

@@ -4,8 +4,9 @@ reward (ReVisual-R1, arXiv 2506.04207, Section 4.1; equation numbers below are t
 One rollout step:
   1. each rank samples `group_size` completions for its share of `rollout_batch` prompts with `generate` semantics
      (a complete generation config: the checkpoint's own top_k=1 never leaks in; vision tokens suppressed):
-     sampling.py's decode loop by default (the same tokens as HF `generate` under greedy decoding and the same
-     temperature/top-p distribution, tests/test_bench.py; one prefill per group; no sort of the vocabulary),
+     engine.py's continuous-batching engine by default (the same tokens as HF `generate` under greedy decoding
+     and the same temperature/top-p distribution, tests/test_engine.py and tests/test_bench.py; one prefill per
+     group; no sort of the vocabulary), sampling.py's micro-batched decode loop with `--rollout_engine=false`,
      HF `model.generate` itself with `--hf_generate` (prompts expanded n times before the prefill);
   2. reward = w_acc * acc + w_fmt * format + w_len * R_len      (R_len: Eq. 5-6, reward.length_reward);
   3. group advantages A_i = (r_i - mean_g) / (std_g + 1e-6)      (GRPO; unbiased std as the released code);
@@ -42,6 +43,7 @@ from tqdm import tqdm
 
 import common as C
 import data as D
+import engine as E
 import model as M
 import reward as R
 import sampling as S
@@ -64,7 +66,10 @@ class GRPOConfig:
     # rollouts
     rollout_batch: int = 16  # prompts per step, global (paper: 512)
     group_size: int = 8  # completions per prompt (n in the paper; not `n`: torchrun would swallow `--n`)
-    rollout_micro_batch: int = 16  # prompts per generate call per rank (memory knob)
+    rollout_micro_batch: int = 16  # prompts per generate call per rank (memory knob; without the engine)
+    rollout_engine: bool = True  # engine.py's continuous batching over all of a rank's sequences (False: one
+    # sampling.generate call per rollout_micro_batch prompts, the decode loop before issue 16)
+    rollout_slots: int = 0  # engine decode slots per rank (KV memory knob); 0: rollout_micro_batch x group_size
     temperature: float = 1.0  # sampling temperature (paper 1.0); log-probs use logits / temperature
     top_p: float = 0.95  # paper Table 5
     max_prompt_len: int = 1024  # paper: 8192; longer prompts are dropped at start (counted and printed)
@@ -282,24 +287,33 @@ class PromptSampler:
 
 def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int], cfg: GRPOConfig, seed: int,
             ) -> list[Sample]:  # fmt: skip
-    """n completions per prompt with sampling.py's `generate` (the distribution of HF `generate`, one prefill per
-    group; HF `generate` itself with `cfg.hf_generate`); the prompt is encoded once."""
+    """n completions per prompt: engine.py's continuous batching by default (HF `generate`'s tokens under greedy
+    decoding and its distribution; one prefill per group; `rollout_slots` decode slots), sampling.py's decode loop
+    per micro-batch with `rollout_engine=False`, HF `generate` itself with `cfg.hf_generate`."""
     tok = processor.tokenizer
     gc = S.generation_config(tok, cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     gc.min_new_tokens = cfg.min_new_tokens or None
     eos = set(gc.eos_token_id)
     out: list[Sample] = []
+    device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for s in range(0, len(prompts), cfg.rollout_micro_batch):
-            chunk = prompts[s : s + cfg.rollout_micro_batch]
-            ids = [r for r in rec_ids[s : s + cfg.rollout_micro_batch] for _ in range(cfg.group_size)]
+        # The engine takes all of the rank's prompts at once; the old loop (and HF) one micro-batch per call.
+        use_engine = cfg.rollout_engine and not cfg.hf_generate
+        step = max(1, len(prompts)) if use_engine else cfg.rollout_micro_batch
+        for s in range(0, len(prompts), step):
+            chunk = prompts[s : s + step]
+            ids = [r for r in rec_ids[s : s + step] for _ in range(cfg.group_size)]
             batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
-            device = next(model.parameters()).device
             batch = {k: v.to(device) for k, v in batch.items()}
-            # Each prompt prefilled once and its KV cache repeated n times (HF's loop with --hf_generate: each
+            # Each prompt prefilled once, its KV cache copied to its n samples (HF's loop with --hf_generate: each
             # prompt expanded n times before the prefill); rows come back prompt-major.
-            seqs = S.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.group_size, use_hf=cfg.hf_generate)
+            if use_engine:
+                slots = cfg.rollout_slots or cfg.rollout_micro_batch * cfg.group_size
+                seqs = E.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.group_size, slots=slots)
+            else:
+                seqs = S.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.group_size,
+                                  use_hf=cfg.hf_generate)
             new = seqs[:, batch["input_ids"].shape[1] :].tolist()
             for rec, gen in zip(ids, new):
                 completion, truncated = S.split_completion(gen, eos)

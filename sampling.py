@@ -123,6 +123,26 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
     return out
 
 
+@torch.no_grad()
+def prefill(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+            mm_token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, object, torch.Tensor]:
+    """One forward over left-padded prompts (vision tower and 3-D M-RoPE through the HF modules) -> (the last
+    position's hidden state (B, H) after the final norm, the HF KV cache, next_pos (B,)). Every new token sits one
+    past its prompt's largest M-RoPE position, on all three axes, as in HF generate; `model.lm_head(hidden)` gives
+    the first new token's logits."""
+    if mm_token_type_ids is None:
+        mm_token_type_ids = (input_ids == model.config.image_token_id).int()
+    has_images = pixel_values is not None and pixel_values.numel() > 0
+    pos = position_ids_for(model, input_ids, attention_mask, image_grid_thw if has_images else None, mm_token_type_ids)
+    next_pos = pos.masked_fill(attention_mask[None] == 0, -1).amax(dim=(0, 2)) + 1  # (B,)
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                      pixel_values=pixel_values if has_images else None,
+                      image_grid_thw=image_grid_thw if has_images else None, mm_token_type_ids=mm_token_type_ids,
+                      use_cache=True)
+    return out.last_hidden_state[:, -1], output_cache(out), next_pos
+
+
 # GenerationConfig fields that `generate` below implements; any other field away from its default sends the call to
 # HF `generate` (beam search, top-k, repetition penalty, min_p, ... are not reimplemented).
 _DEFAULT_OK = {"num_beams": (None, 1), "top_k": (None, 0), "repetition_penalty": (None, 1.0), "min_p": (None,),
@@ -150,7 +170,8 @@ def fast_generate_supported(gc: GenerationConfig) -> bool:
 def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              generation_config: GenerationConfig, pixel_values: torch.Tensor | None = None,
              image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
-             num_return_sequences: int = 1, synced_gpus: bool = False, use_hf: bool = False) -> torch.Tensor:  # fmt: skip
+             num_return_sequences: int = 1, synced_gpus: bool = False, use_hf: bool = False,
+             logits_hook=None) -> torch.Tensor:  # fmt: skip
     """`model.generate(input_ids, attention_mask, ..., generation_config=gc)` for rollouts, in our own decode loop:
     the same output (prompt + new tokens, rows padded with pad_token_id after their end-of-turn; as many columns
     as the longest row needed) and the same sampling distribution (`sample_tokens`; greedy when
@@ -162,7 +183,10 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
     output rows are prompt-major (prompt 0's n samples first), as `[p for p in prompts for _ in range(n)]`.
     Anything else in `gc` (beam search, top-k, repetition penalty, ...), `synced_gpus=True` or `use_hf=True`
     goes to HF `generate` unchanged (with n > 1: `num_return_sequences`, each prompt expanded before the
-    prefill)."""
+    prefill).
+
+    `logits_hook(seq, step, logits) -> logits` (benchmarks and tests only) sees each step's (B, V) logits before
+    sampling, with the rows' output indices and new-token counts; engine.generate takes the same hook."""
     gc, n = generation_config, num_return_sequences
     if use_hf or synced_gpus or not fast_generate_supported(gc):
         extra = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
@@ -179,19 +203,10 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
     temperature = gc.temperature if gc.temperature is not None else 1.0
     top_p = gc.top_p if gc.top_p is not None else 1.0
     max_new, min_new = gc.max_new_tokens, gc.min_new_tokens or 0
-    if mm_token_type_ids is None:
-        mm_token_type_ids = (input_ids == model.config.image_token_id).int()
-    has_images = pixel_values is not None and pixel_values.numel() > 0
-    pos = position_ids_for(model, input_ids, attention_mask, image_grid_thw if has_images else None, mm_token_type_ids)
-    # Every new token sits one past the prompt's largest (M-RoPE) position, on all three axes, as in HF generate.
-    next_pos = pos.masked_fill(attention_mask[None] == 0, -1).amax(dim=(0, 2)) + 1  # (B,)
+    hidden, cache, next_pos = prefill(model, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                      mm_token_type_ids)
     cache_kw = cache_kwarg(model)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                pixel_values=pixel_values if has_images else None, image_grid_thw=image_grid_thw if has_images else None,
-                mm_token_type_ids=mm_token_type_ids, use_cache=True, logits_to_keep=1)  # fmt: skip
-    cache = output_cache(out)
-    logits = out.logits[:, -1].float()
-    del out
+    logits = model.lm_head(hidden).float()
     if n > 1:
         cache.batch_repeat_interleave(n)
         input_ids, attention_mask = input_ids.repeat_interleave(n, 0), attention_mask.repeat_interleave(n, 0)
@@ -206,6 +221,8 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
             logits.index_fill_(1, suppress, -float("inf"))
         if k < min_new:
             logits.index_fill_(1, eos, -float("inf"))
+        if logits_hook is not None:
+            logits = logits_hook(torch.arange(b, device=device), torch.full((b,), k, device=device), logits)
         tok = sample_tokens(logits, temperature, top_p) if gc.do_sample else logits.argmax(-1)
         tok = torch.where(unfinished, tok, pad_id)
         new[:, k] = tok

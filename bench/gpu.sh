@@ -4,7 +4,8 @@
 # each under its own time guard; every result is appended to OUT_DIR/results.jsonl (and summary.txt) as soon as
 # it exists, so a measurement that runs out of time costs only itself.
 #
-#   bash bench/gpu.sh OUT_DIR              # GPU: env, copy bandwidth, decode (3B, 7B), 3B train step, compiled decode
+#   bash bench/gpu.sh OUT_DIR              # GPU: env, copy bandwidth, decode (3B, 7B), engine (7B), 3B train step,
+#                                          # compiled decode
 #   bash bench/gpu.sh --dry-run OUT_DIR    # CPU at the tiny model's shapes (tests/test_bench.py runs this)
 # Environment: PYTHON (default python3), GPU_BENCH_BUDGET_S (default 285: the whole run's wall-clock budget).
 set -uo pipefail
@@ -47,6 +48,7 @@ echo "== env"
 }
 run bw 30
 run decode 110
+run engine 90 # engine.py at 7B shapes: long-tailed lengths, 32 prompts x 8 through 64 slots
 run train 100
 run compile 120 --sizes 3b # static cache + torch.compile, with whatever time is left
 echo "== done in $(($(date +%s) - START))s; results in $OUT/results.jsonl"

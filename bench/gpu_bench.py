@@ -12,6 +12,11 @@ tokenizer is needed; prompts are random token ids.
            (exact top-p sampler, no vocabulary sort), both with every completion forced to its full length;
            decode-only step time = (t(1 + N new tokens) - t(1 new token)) / N; beside it the roofline step time
            (weight bytes + KV-cache bytes read per step) / bandwidth
+  engine   engine.py's continuous batching at 7B shapes (bf16): `--engine_prompts` x 8 sequences of random
+           `--prompt_len`-token prompts through `--engine_slots` slots, completion lengths long-tailed (log-normal,
+           median `--engine_median`, capped at `--new_tokens` x 4, forced as in bench/rollout_engine.py): useful
+           tokens/s, mean time per decode step against the roofline (weight bytes + the live rows' KV bytes per
+           step), the KV cache's bytes and the peak memory
   compile  the same decode through HF `generate` with a static cache, which HF compiles (torch.compile)
   train    3B training step at sequence length 4096 (one sequence, the second half trained on), gradient
            checkpointing, fp32 master weights with bf16 autocast (the project's single-GPU path), AdamW:
@@ -271,6 +276,55 @@ def decode(a, rec: Recorder, compiled: bool = False) -> None:
             torch.cuda.empty_cache()
 
 
+def engine_decode(a, rec: Recorder) -> None:
+    import torch
+
+    import engine as E
+    from bench.rollout_engine import forced_end, schedule
+
+    device, dtype = device_and_dtype(a)
+    size = "tiny" if a.dry_run else "7b"
+    prompts, n, slots, prompt_len = (4, 4, 4, 16) if a.dry_run else (a.engine_prompts, 8, a.engine_slots, a.prompt_len)
+    cap = 8 if a.dry_run else 4 * a.new_tokens
+    median = 3 if a.dry_run else a.engine_median
+    bw = a.bandwidth or measured_bandwidth(a.out) or peaks(a)[1]
+    model, cfg, info = build(size, device, dtype)
+    tc = cfg.text_config
+    eos, pad, vision = special_ids(size)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, 1000 if size == "tiny" else 150000, (prompts, prompt_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    gc = _gen_config(size, cap)
+    gc.min_new_tokens = None
+    lengths = schedule(prompts * n, median, 1.0, cap, 0)
+    hook = forced_end(lengths, eos[0], eos)
+    E.generate(model, ids[:1], mask[:1], gc, num_return_sequences=2, slots=2, logits_hook=hook)  # warm-up
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    st: dict = {}
+    t = time.perf_counter()
+    E.generate(model, ids, mask, gc, num_return_sequences=n, slots=slots, logits_hook=hook, stats=st)
+    sync(device)
+    dt = time.perf_counter() - t
+    tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+    text_params = sum(p.numel() for name, p in model.named_parameters()
+                      if "visual" not in name and (tied or "embed_tokens" not in name))
+    weight_bytes = text_params * torch.finfo(dtype).bits // 8
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    mean_ctx = prompt_len + sum(x * x for x in lengths) / (2 * sum(lengths))  # token-weighted mean context
+    kv_step = (st["useful_tokens"] / st["steps"]) * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim \
+        * mean_ctx * torch.finfo(dtype).bits // 8
+    roof_s = (weight_bytes + kv_step) / bw
+    step_s = dt / st["steps"]  # prefills included: an upper bound on the decode step
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    rec("engine", size=size, sequences=prompts * n, slots=st["slots"], prompt_len=prompt_len, max_new_tokens=cap,
+        useful_tokens=st["useful_tokens"], seconds=dt, useful_tokens_per_s=st["useful_tokens"] / dt,
+        steps=st["steps"], slot_utilisation=st["useful_tokens"] / (st["slots"] * st["steps"]), step_s=step_s,
+        roofline_step_s=roof_s, roofline_fraction=roof_s / step_s, kv_cache_bytes=st["kv_bytes"],
+        peak_memory_bytes=peak, weight_bytes=weight_bytes, bandwidth_bytes_per_s=bw)
+
+
 def train(a, rec: Recorder) -> None:
     import torch
 
@@ -327,13 +381,16 @@ def train(a, rec: Recorder) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--only", choices=["env", "bw", "decode", "compile", "train"], required=True)
+    ap.add_argument("--only", choices=["env", "bw", "decode", "engine", "compile", "train"], required=True)
     ap.add_argument("--dry_run", action="store_true", help="CPU, tiny shapes")
     ap.add_argument("--sizes", default="3b,7b")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prompt_len", type=int, default=512)
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--seq_len", type=int, default=4096)
+    ap.add_argument("--engine_prompts", type=int, default=32)
+    ap.add_argument("--engine_slots", type=int, default=64)
+    ap.add_argument("--engine_median", type=float, default=64.0)
     ap.add_argument("--train_steps", type=int, default=3)
     ap.add_argument("--bandwidth", type=float, default=0.0,
                     help="bytes/s for the roofline (default: what `bw` measured into --out, else nominal)")
@@ -350,6 +407,8 @@ def main() -> None:
         bandwidth(a, rec)
     elif a.only == "decode":
         decode(a, rec)
+    elif a.only == "engine":
+        engine_decode(a, rec)
     elif a.only == "compile":
         decode(a, rec, compiled=True)
     else:

@@ -135,11 +135,13 @@ def test_gpu_bench_dry_run(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     names = {(row["measurement"], row.get("path")) for row in rows}
-    assert {("env", None), ("bw", None), ("train", None), ("decode", "hf_generate"), ("decode", "ours_generate"),
+    assert {("env", None), ("bw", None), ("train", None), ("engine", None), ("decode", "hf_generate"), ("decode", "ours_generate"),
             ("decode", "hf_static_compiled")} <= names, names  # fmt: skip
     for row in rows:
         if row["measurement"] == "decode":
             assert row["decode_tokens_per_s"] > 0 and row["roofline_step_s"] > 0
+        if row["measurement"] == "engine":
+            assert row["useful_tokens_per_s"] > 0 and row["roofline_step_s"] > 0 and row["kv_cache_bytes"] > 0
         if row["measurement"] == "train":
             assert row["step_s"] > 0 and 0 < row["mfu"] < 1
     assert "stopped" not in (out / "summary.txt").read_text()
