@@ -178,7 +178,9 @@ def select_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_tok
              "mm_token_type_ids": mm_token_type_ids[rows, -width:]}
     if row_pixels is not None and sum(row_images[r] for r in rows):
         first = [sum(row_images[:r]) for r in rows]
-        batch["pixel_values"] = torch.cat([row_pixels[r] for r in rows])
+        # the call's pixels may stay on the host (grpo_mm.rollout keeps them there): only the admitted rows'
+        # images go to the device, for their prefill
+        batch["pixel_values"] = torch.cat([row_pixels[r] for r in rows]).to(input_ids.device)
         batch["image_grid_thw"] = image_grid_thw[[i for r, f in zip(rows, first) for i in range(f, f + row_images[r])]]
     return batch
 

@@ -314,6 +314,8 @@ def validate_config(cfg: EvalConfig) -> None:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.slots < 0:
+        raise ConfigError(f"--slots must be >= 0 (0: batch_size), got {cfg.slots}")
     if cfg.samples is not None and cfg.samples < 1 or cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"--samples and --limit must be >= 1 when given, got {cfg.samples}, {cfg.limit}")
     if cfg.placement not in ("", *D.PLACEMENTS):

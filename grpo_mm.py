@@ -305,7 +305,9 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
             chunk = prompts[s : s + step]
             ids = [r for r in rec_ids[s : s + step] for _ in range(cfg.group_size)]
             batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
+            # The engine takes a rank's whole step (512 prompts at paper scale: tens of GB of pixel patches at
+            # max_pixels): their pixels stay on the host and each prefill moves its own rows' images.
+            batch = {k: v if use_engine and k == "pixel_values" else v.to(device) for k, v in batch.items()}
             # Each prompt prefilled once, its KV cache copied to its n samples (HF's loop with --hf_generate: each
             # prompt expanded n times before the prefill); rows come back prompt-major.
             if use_engine:
@@ -437,6 +439,8 @@ def validate_config(cfg: GRPOConfig, world: int) -> None:
                  "max_new_tokens", "max_prompt_len", "max_bad_steps", "grade_workers"):
         if getattr(cfg, name) < 1:
             raise C.ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.rollout_slots < 0:
+        raise C.ConfigError(f"--rollout_slots must be >= 0 (0: rollout_micro_batch x group_size), got {cfg.rollout_slots}")
     if cfg.min_pixels < 0 or cfg.max_pixels < 0 or (cfg.min_pixels and cfg.max_pixels and cfg.min_pixels > cfg.max_pixels):
         raise C.ConfigError(f"--min_pixels / --max_pixels: 0 (the checkpoint's) or 0 < min <= max, got "
                             f"{cfg.min_pixels}, {cfg.max_pixels}")
