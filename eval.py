@@ -342,7 +342,12 @@ def main(cfg: EvalConfig) -> dict | None:
     splits = parse_split(cfg.split, [label for label, _ in benches])
     images = os.path.join(cfg.out_dir, "images")
     loaded = [(lb, B.load_benchmark(lb, p, images, cfg.limit, cfg.seed, splits.get(lb))) for lb, p in benches]
-    model, processor = M.load_model(cfg.model, dtype=dtype, device=d.device)
+    # Every rank generates with a whole copy; a checkpoint is read by rank 0 alone and broadcast into the
+    # other ranks' copies on their devices (one host copy per node, not one per rank).
+    from_rank0 = d.on and os.path.isdir(cfg.model)
+    model = M.place_replica(M.load_weights(cfg.model, dtype, seed=0, on_meta=from_rank0 and not d.main), d.device,
+                            from_rank0)
+    processor = M.load_processor(cfg.model)
     M.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
     jobs = {}
     for label, records in loaded:

@@ -346,3 +346,38 @@ def test_non_finite_update_is_skipped_and_the_run_goes_on(tiny, tmp_path):
     run(batch(True), bad)
     with pytest.raises(NonFiniteError, match="2 non-finite optimizer steps in a row"):
         run(batch(True), bad)
+
+
+def test_fitting_prompts_drops_overlong_counts_and_decodes_no_pixels(tiny, tmp_path, monkeypatch, capsys):
+    """The start-up prompt filter: over-long prompts dropped and counted, image headers read but no pixel
+    decoded (the rank that uses an image decodes it), a missing image named once for every rank."""
+    from common import Dist
+
+    _, p = tiny
+    recs = _records(tmp_path) + [D.Record(id="long", problem="seven " * 400, answer="1", source="t:3")]
+    decoded = []
+    monkeypatch.setattr(D, "open_image", lambda *a: decoded.append(a))
+    kept = G.fitting_prompts(recs, p, D.REASONING_PROMPT, "system", 300, Dist())
+    assert [r.id for r in kept] == ["m", "t"] and decoded == []
+    assert "dropped 1 of 3 prompts over max_prompt_len 300" in capsys.readouterr().out
+    missing = [D.Record(id="x", problem="p", answer="1", images=[str(tmp_path / "none.png")], source="t:7")]
+    with pytest.raises(D.DataError, match="t:7: field 'images': image file not found"):
+        G.fitting_prompts(missing, p, D.REASONING_PROMPT, "system", 300, Dist())
+
+
+def test_collective_timeout_is_the_configured_one(monkeypatch):
+    """dist_timeout_min reaches init_process_group (torch's 10-minute NCCL default is shorter than a long
+    rollout step's skew between ranks)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    import common as C
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend, t=timeout))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    d = C.init_distributed(device="cpu", timeout_min=G.GRPOConfig().dist_timeout_min)
+    assert seen == {"backend": "gloo", "t": datetime.timedelta(minutes=180)} and d.rank == 1 and d.world == 2
