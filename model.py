@@ -411,6 +411,22 @@ def position_ids_for(model: Qwen2_5_VLForConditionalGeneration, input_ids, atten
     return pos.unsqueeze(0).expand(3, -1, -1)
 
 
+def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """A padded batch (B, T) as ONE packed row: (input_ids (1, L), position_ids (4, 1, L), keep (B, T)), where L is
+    the batch's real token count and `keep` marks the tokens that made it into the row (row-major order).
+
+    Row 0 of the position ids is each sequence's text position, restarting at 0 where a sequence starts; rows 1-3
+    are its own 3-D M-RoPE positions (`position_ids`, (3, B, T), as `position_ids_for` computes them per row).
+    With `attention_mask=None`, transformers reads row 0 (`find_packed_sequence_indices`: a new sequence wherever
+    the position does not go up by 1) and builds a block-diagonal causal mask, so no token attends across a
+    sequence boundary."""
+    keep = attention_mask.bool()
+    text = attention_mask.long().cumsum(-1) - 1  # 0, 1, 2, ... over each row's real tokens
+    packed_pos = torch.cat([text[keep][None], position_ids[:, keep]], 0)  # (4, L)
+    return input_ids[keep][None], packed_pos[:, None], keep
+
+
 def cache_kwarg(model) -> str:
     """The forward's name for the KV cache: `cache` in transformers >= 5.2x, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -444,6 +460,13 @@ class Policy(nn.Module):
         # start with it (a group's n samples) attend to its KV cache (`_shared_prefix_hidden`); the plain path
         # runs under gradient checkpointing, which turns the decoder's cache off.
         self.share_prefix = False
+        # Opt-in (sft.py / grpo_mm.py `micro_batch_tokens` > 0): the batch's sequences run as ONE packed row with no
+        # padding (`pack_sequences`; block-diagonal causal attention built by transformers from the restarting
+        # text positions). It replaces `share_prefix` when both are on (a packed row holds each sequence whole, its
+        # prompt included); `dedupe_images` still applies. Without flash-attn (not installable on CPU, absent on
+        # the GPU nodes) sdpa gets an explicit (L x L) boolean mask, so attention still costs L^2 per row; the gain
+        # is in every other layer (MLP, norms, projections, lm_head), which no longer run on padding.
+        self.pack = False
 
     def dummy_vision(self) -> torch.Tensor:
         vc = self.model.config.vision_config
@@ -524,6 +547,28 @@ class Policy(nn.Module):
         h_pred = torch.cat([h_first[:, None], out.last_hidden_state[:, :-1]], 1)  # h_pred[:, j] predicts ids_c[:, j]
         return h_pred[sel_c]
 
+    def _packed_hidden(self, input_ids, attention_mask, sel, mm_token_type_ids, pixel_values, image_grid_thw,
+                       ) -> torch.Tensor:  # fmt: skip
+        """The hidden states that predict the `sel` tokens (row-major), with the batch packed into one row.
+
+        The M-RoPE positions are computed on the padded batch, per row, exactly as the plain path does; the images
+        keep their order (a row's images are consecutive in `pixel_values`, and rows keep their order in the
+        packed row), so each image's features land in its own sequence's <|image_pad|> slots."""
+        position_ids = position_ids_for(self.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        ids, pos, keep = pack_sequences(input_ids, attention_mask, position_ids)
+        mm = mm_token_type_ids[keep][None]
+        unique = dedupe_images(pixel_values, image_grid_thw) if pixel_values is not None and self.dedupe_images else None
+        if unique is None:
+            out = self.model.model(input_ids=ids, attention_mask=None, position_ids=pos, pixel_values=pixel_values,
+                                   image_grid_thw=image_grid_thw, mm_token_type_ids=mm, use_cache=False)  # fmt: skip
+        else:
+            out = self.model.model(inputs_embeds=self.embeds_with_images(ids, *unique), attention_mask=None,
+                                   position_ids=pos, mm_token_type_ids=mm, use_cache=False)  # fmt: skip
+        # Packed token j-1 predicts packed token j. A sequence's first token is never a target (sel[:, 0] is off
+        # and a prompt precedes every completion), so no prediction crosses from one sequence into the next.
+        sel_packed = sel[keep]
+        return out.last_hidden_state[0][torch.roll(sel_packed, shifts=-1, dims=0)]
+
     def embeds_with_images(self, input_ids, pixel_values, image_grid_thw, inverse) -> torch.Tensor:
         """Token embeddings with every image's features in its <|image_pad|> slots; the tower runs on the distinct
         images (`pixel_values`, `image_grid_thw`) and image i of the batch gets distinct image `inverse[i]`'s
@@ -548,7 +593,10 @@ class Policy(nn.Module):
         # Position t-1 predicts token t: the hidden states that predict a target token, in row-major order.
         sel = target_mask.bool().clone()
         sel[:, 0] = False
-        if self.share_prefix and not is_gradient_checkpointing(self.model):
+        if self.pack:
+            h_sel = self._packed_hidden(input_ids, attention_mask, sel, mm_token_type_ids,
+                                        pixel_values if has_images else None, image_grid_thw if has_images else None)
+        elif self.share_prefix and not is_gradient_checkpointing(self.model):
             h_sel = self._shared_prefix_hidden(input_ids, attention_mask, sel, pixel_values if has_images else None,
                                                image_grid_thw if has_images else None)  # fmt: skip
         else:
