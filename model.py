@@ -412,7 +412,7 @@ def position_ids_for(model: Qwen2_5_VLForConditionalGeneration, input_ids, atten
 
 
 def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A padded batch (B, T) as ONE packed row: (input_ids (1, L), position_ids (4, 1, L), keep (B, T)), where L is
     the batch's real token count and `keep` marks the tokens that made it into the row (row-major order).
 
@@ -548,7 +548,7 @@ class Policy(nn.Module):
         return h_pred[sel_c]
 
     def _packed_hidden(self, input_ids, attention_mask, sel, mm_token_type_ids, pixel_values, image_grid_thw,
-                       ) -> torch.Tensor:  # fmt: skip
+                       ) -> torch.Tensor:
         """The hidden states that predict the `sel` tokens (row-major), with the batch packed into one row.
 
         The M-RoPE positions are computed on the padded batch, per row, exactly as the plain path does; the images
@@ -560,10 +560,10 @@ class Policy(nn.Module):
         unique = dedupe_images(pixel_values, image_grid_thw) if pixel_values is not None and self.dedupe_images else None
         if unique is None:
             out = self.model.model(input_ids=ids, attention_mask=None, position_ids=pos, pixel_values=pixel_values,
-                                   image_grid_thw=image_grid_thw, mm_token_type_ids=mm, use_cache=False)  # fmt: skip
+                                   image_grid_thw=image_grid_thw, mm_token_type_ids=mm, use_cache=False)
         else:
             out = self.model.model(inputs_embeds=self.embeds_with_images(ids, *unique), attention_mask=None,
-                                   position_ids=pos, mm_token_type_ids=mm, use_cache=False)  # fmt: skip
+                                   position_ids=pos, mm_token_type_ids=mm, use_cache=False)
         # Packed token j-1 predicts packed token j. A sequence's first token is never a target (sel[:, 0] is off
         # and a prompt precedes every completion), so no prediction crosses from one sequence into the next.
         sel_packed = sel[keep]

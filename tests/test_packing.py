@@ -34,7 +34,7 @@ def _batch(synth_dir, processor, image_token_id, order=(0, 3, 1, 2, 3, 0), lengt
 def _logp_and_grads(policy, batch):
     policy.model.zero_grad()
     logp, ent = policy(batch["input_ids"], batch["attention_mask"], batch["target_mask"], batch["pixel_values"],
-                       batch["image_grid_thw"], batch["mm_token_type_ids"], with_entropy=True)  # fmt: skip
+                       batch["image_grid_thw"], batch["mm_token_type_ids"], with_entropy=True)
     (logp.sum() + 0.3 * ent.sum()).backward()
     return logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
 
@@ -92,11 +92,11 @@ def test_packing_without_restarting_positions_leaks_across_sequences(tiny, synth
     model, processor = tiny
     batch = _batch(synth_dir, processor, model.config.image_token_id)
     pos = M.position_ids_for(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
-                             batch["mm_token_type_ids"])  # fmt: skip
+                             batch["mm_token_type_ids"])
     ids, packed, keep = M.pack_sequences(batch["input_ids"], batch["attention_mask"], pos)
     run = dict(input_ids=ids, attention_mask=None, pixel_values=batch["pixel_values"],
                image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"][keep][None],
-               use_cache=False)  # fmt: skip
+               use_cache=False)
     with torch.no_grad():
         good = model.model(position_ids=packed, **run).last_hidden_state
         leaky = packed.clone()
@@ -105,3 +105,78 @@ def test_packing_without_restarting_positions_leaks_across_sequences(tiny, synth
     first = int(batch["attention_mask"][0].sum())
     assert torch.equal(good[0, :first], bad[0, :first])  # the first sequence sees nothing else either way
     assert (good[0, first:] - bad[0, first:]).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The token-budget packer
+
+
+def _check_bins(bins, lengths, budget):
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(len(lengths))), "every sequence exactly once"
+    for b in bins:
+        assert sum(lengths[i] for i in b) <= budget or len(b) == 1, (b, [lengths[i] for i in b])
+
+
+def test_pack_by_tokens_by_hand():
+    # FFD: 7 -> bin A (3 left); 5 -> bin B (5 left); 4 -> B (1 left); 3 -> A (0 left); 2 -> C; 1 -> B (0 left)
+    assert D.pack_by_tokens([3, 7, 1, 5, 2, 4], 10) == [[1, 0], [3, 5, 2], [4]]
+    # a sequence over the budget gets a bin of its own; equal lengths keep index order
+    assert D.pack_by_tokens([12, 4, 4, 4], 10) == [[0], [1, 2], [3]]
+    assert D.pack_by_tokens([], 10) == []
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_by_tokens_long_tailed_random(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randn(200, generator=g).add(5.0).exp().clamp(8, 3000).long().tolist()  # log-normal, long tail
+    budget = 4096
+    bins = D.pack_by_tokens(lengths, budget)
+    _check_bins(bins, lengths, budget)
+    # FFD uses at most 11/9 OPT + 6/9 bins (Johnson's bound; Dosa 2007), and OPT >= total / budget
+    assert len(bins) <= 11 / 9 * -(-sum(lengths) // budget) + 6 / 9 + 1e-9
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_packed_micro_batches_same_count_per_rank_balanced(world):
+    lengths = [900, 30, 500, 480, 20, 10, 700, 60, 300, 250, 5]
+    items = [10, 3, 7, 0, 9, 1, 2, 8, 4, 6, 5]  # a step's items in the epoch's order (a permutation of a subset)
+    per_rank = D.packed_micro_batches(items, lengths, 1000, world)
+    assert len(per_rank) == world
+    flat = sorted(i for p in per_rank for mb in p for i in mb)
+    assert flat == sorted(items)
+    assert all(sum(lengths[i] for i in mb) <= 1000 for p in per_rank for mb in p)
+    counts = [len(p) for p in per_rank]
+    assert max(counts) - min(counts) <= 1
+    # sft.rank_micro_batches pads the short ranks with zero-weight fillers (None): the same count everywhere
+    import sft
+
+    mine = [sft.rank_micro_batches(items, 4, world, r, lengths, 1000) for r in range(world)]
+    assert len({len(m) for m in mine}) == 1
+    assert [[mb for mb in m if mb is not None] for m in mine] == per_rank
+    loads = [sum(lengths[i] for mb in p for i in mb) for p in per_rank]
+    if world == 2:  # 3245 tokens: the heaviest bins alternate, the loads differ by less than one bin
+        assert abs(loads[0] - loads[1]) <= max(sum(lengths[i] for i in mb) for p in per_rank for mb in p)
+
+
+def test_grpo_plan_packs_by_prompt_plus_completion():
+    import grpo_mm as G
+
+    comp = [40, 6, 7, 8, 9, 100, 3]
+    samples = [G.Sample(rec=i, completion=[1] * n, text="", truncated=False, times_drawn=1 + (i == 2), prompt_len=50)
+               for i, n in enumerate(comp)]
+    cfg = G.GRPOConfig(mini_batch=5, micro_batch_tokens=128)
+    plans = G.plan_updates(samples, cfg, 2, torch.Generator().manual_seed(0))
+    drawn = sorted(i for i, s in enumerate(samples) for _ in range(s.times_drawn))
+    assert sorted(i for micro, _ in plans for rank in micro for mb in rank for i in mb) == drawn
+    for micro, tokens in plans:
+        assert len(micro[0]) == len(micro[1])  # the same number of micro-batches on both ranks
+        assert tokens == sum(len(samples[i].completion) for rank in micro for mb in rank for i in mb)
+        for rank in micro:
+            for mb in rank:
+                assert len(mb) <= 1 or sum(50 + comp[i] for i in mb) <= 128, mb
+    # the mini-batches themselves (and so the loss) are those of the padded plan: only the grouping differs
+    padded = G.plan_updates(samples, G.GRPOConfig(mini_batch=5, micro_batch=2), 2, torch.Generator().manual_seed(0))
+    assert [sorted(i for rank in m for mb in rank for i in mb) for m, _ in plans] == \
+        [sorted(i for rank in m for mb in rank for i in mb) for m, _ in padded]
+    assert [t for _, t in plans] == [t for _, t in padded]
