@@ -1,14 +1,20 @@
 """Padding-free micro-batches (issue 17): the packed forward against the padded one, the packed position ids
 against each sequence computed alone, and the token-budget packer's invariants."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers.masking_utils import find_packed_sequence_indices
 
+import common as C
 import data as D
+import grpo_mm as G
 import model as M
+import sft
 from conftest import ROOT
 
 # The packed and padded forwards run the same sums in a different order (one (1, L) row against (B, T) rows):
@@ -150,8 +156,6 @@ def test_packed_micro_batches_same_count_per_rank_balanced(world):
     counts = [len(p) for p in per_rank]
     assert max(counts) - min(counts) <= 1
     # sft.rank_micro_batches pads the short ranks with zero-weight fillers (None): the same count everywhere
-    import sft
-
     mine = [sft.rank_micro_batches(items, 4, world, r, lengths, 1000) for r in range(world)]
     assert len({len(m) for m in mine}) == 1
     assert [[mb for mb in m if mb is not None] for m in mine] == per_rank
@@ -161,8 +165,6 @@ def test_packed_micro_batches_same_count_per_rank_balanced(world):
 
 
 def test_grpo_plan_packs_by_prompt_plus_completion():
-    import grpo_mm as G
-
     comp = [40, 6, 7, 8, 9, 100, 3]
     samples = [G.Sample(rec=i, completion=[1] * n, text="", truncated=False, times_drawn=1 + (i == 2), prompt_len=50)
                for i, n in enumerate(comp)]
@@ -210,16 +212,11 @@ def _sft_args(data_dir: str, out_dir: str, budget: int) -> list[str]:
 
 
 def _sft_run(data_dir: str, out_dir: str, budget: int) -> tuple[list[dict], dict]:
-    import common as C
-    import sft
-
     sft.train(C.parse_config(sft.SFTConfig, _sft_args(data_dir, out_dir, budget)))
     return _metrics(out_dir), M.load_model(os.path.join(out_dir, "final"))[0].state_dict()
 
 
 def _metrics(out_dir: str) -> list[dict]:
-    import json
-
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -244,8 +241,6 @@ def _assert_same_sft(rows, ref, rel):
 def test_sft_packed_matches_padded(sft_data, sft_padded, tmp_path):
     """Four SFT steps (images in half the records, lengths mixed) packed into 512-token rows give the padded
     run's losses, eval losses and final weights (measured: losses within 3e-8 relative, weights within 1e-5)."""
-    import sft
-
     ref, ref_sd = sft_padded
     rows, sd = _sft_run(sft_data, str(tmp_path / "packed"), SFT_BUDGET)
     _assert_same_sft(rows, ref, rel=1e-6)
@@ -263,9 +258,6 @@ def test_sft_packed_matches_padded(sft_data, sft_padded, tmp_path):
 def test_sft_packed_two_processes_fsdp_matches_padded_one(sft_data, sft_padded, tmp_path):
     """torchrun x2 (FSDP2, packed, the micro-batches dealt by tokens, zero-weight fillers where a rank is short)
     logs the single padded process's losses."""
-    import subprocess
-    import sys
-
     ref, ref_sd = sft_padded
     out = str(tmp_path / "fsdp_packed")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
@@ -276,3 +268,35 @@ def test_sft_packed_two_processes_fsdp_matches_padded_one(sft_data, sft_padded, 
     _assert_same_sft(_metrics(out), ref, rel=1e-5)
     sd = M.load_model(os.path.join(out, "final"))[0].state_dict()
     assert max(float((sd[k] - ref_sd[k]).abs().max()) for k in sd) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GRPO: the packed update on 2 processes against the padded one on 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["fsdp", "ddp"])
+def test_grpo_packed_two_processes_matches_padded_one(synth_dir, tmp_path, backend):
+    """tests/grpo_worker.py's fixed rollouts (PAD on: 5 of 12 kept), 2 updates x 2 ppo epochs with a k3 KL to a
+    reference model: torchrun x2 with 300-token packed micro-batches (rank 0 packs the multimodal sequence with a
+    text one, then two text ones while rank 1 runs a zero-weight filler) gives the weights and the logged
+    statistics of one process with padded micro-batches of one sequence (share_prefix on, as grpo_mm.py runs)."""
+    from test_grpo_dist import W, _compare_states, _compare_stats, run_worker
+
+    case = {"mini_batch": 3, "micro_batch": 1, "ppo_epochs": 2, "kl_coef": 0.05}
+    runs = {"single": (0, case), "packed": (2, dict(case, micro_batch_tokens=300))}
+    for name, (nproc, overrides) in runs.items():
+        cases = json.dumps({"pk": [overrides, 0.01]})
+        run_worker(nproc, "update", "--synth", synth_dir, "--out", str(tmp_path / name), "--distributed", backend,
+                   "--cases", cases)
+    want = json.load(open(tmp_path / "single" / "pk.json"))
+    got = json.load(open(tmp_path / "packed" / "pk.json"))
+    assert want["world"] == 1 and got["world"] == 2 and got["picks"] == want["picks"]
+    # the premise: several sequences in one packed row, the image sample (0) on rank 0 only, a filler on rank 1
+    assert [[[len(mb) for mb in rank] for rank in micro] for micro, _ in got["plan"]] == [[[2], [1]], [[2], [0]]]
+    assert 0 in got["plan"][0][0][0][0] and [t for _, t in got["plan"]] == [t for _, t in want["plan"]]
+    initial = torch.load(tmp_path / "single" / "initial.pt")
+    _compare_states(torch.load(tmp_path / "packed" / "pk.pt"), torch.load(tmp_path / "single" / "pk.pt"), initial,
+                    f"packed {backend} x2 vs padded x1")
+    _compare_stats(got["stats"], want["stats"], f"packed {backend} x2 vs padded x1")
+    assert got["stats"]["updates"] == 4 and G.GRPOConfig().micro_batch_tokens == 0 and W.N == 4
