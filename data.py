@@ -356,6 +356,13 @@ def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
+def pack_rows(lengths: list[int]) -> list[list[int]]:
+    """The rows a packed micro-batch runs as (model.Policy.pack): first-fit decreasing into rows as wide as its
+    longest sequence, so a row's attention (sdpa computes all W x W scores of a row, masked or not) costs no more
+    than a padded row's. The rows are padded to that width: len(rows) * max(lengths) token slots in all."""
+    return pack_by_tokens(lengths, max(lengths))
+
+
 def deal_bins(loads: list[int], world: int) -> list[list[int]]:
     """Bin indices per rank: heaviest bin first onto the least loaded rank (by tokens) among those holding the
     fewest bins, so the counts differ by at most one (the short ranks run one zero-weight filler) and the token

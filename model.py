@@ -568,8 +568,8 @@ class Policy(nn.Module):
                        ) -> torch.Tensor:
         """The hidden states that predict the `sel` tokens (row-major), with the batch packed padding-free.
 
-        The sequences go first-fit decreasing into rows as long as the longest sequence (data.pack_by_tokens), so
-        a row's attention costs no more than a padded row's (sdpa computes every row's full W x W scores: without
+        The sequences go first-fit decreasing into rows as long as the longest sequence (data.pack_rows), so a
+        row's attention costs no more than a padded row's (sdpa computes every row's full W x W scores: without
         flash-attn's varlen kernels, one row of all the batch's tokens would cost (sum of lengths)^2). The M-RoPE
         positions are computed on the padded batch, per row, exactly as the plain path does; each sequence's
         images are moved with it (pixel_values sliced by image_grid_thw, in the packed order)."""
@@ -578,7 +578,7 @@ class Policy(nn.Module):
         cfg = self.model.config
         position_ids = position_ids_for(self.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
         lengths = attention_mask.sum(-1).tolist()
-        rows = D.pack_by_tokens(lengths, max(lengths))
+        rows = D.pack_rows(lengths)
         pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
         ids, pos, where = pack_sequences(input_ids, attention_mask, position_ids, rows, pad)
         mm = (ids == cfg.image_token_id).int()

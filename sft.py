@@ -179,9 +179,10 @@ def filler_items(items: list[int], cfg: SFTConfig, lengths: list[int]) -> list[i
 
 
 def computed_tokens(micro_batches: list[list[int]], lengths: list[int], packed: bool) -> int:
-    """Token slots a forward computes over these micro-batches: padded rows are as long as their longest
-    sequence; a packed micro-batch is one row of exactly its tokens."""
-    return sum(sum(lengths[i] for i in mb) if packed else len(mb) * max(lengths[i] for i in mb) for mb in micro_batches)
+    """Token slots a forward computes over these micro-batches: rows as long as the micro-batch's longest
+    sequence, one per sequence (padded) or as data.pack_rows packs them (packed)."""
+    rows = (lambda ls: len(D.pack_rows(ls))) if packed else len
+    return sum(rows([lengths[i] for i in mb]) * max(lengths[i] for i in mb) for mb in micro_batches)
 
 
 def token_mean_loss(nll_sums: list[torch.Tensor], global_tokens: int, world: int) -> torch.Tensor:

@@ -4,11 +4,12 @@ The update's forward + backward (model.Policy's chunked fp32 log-probs, the toke
 sequences, two ways:
   padded: micro-batches of `--micro_batch` sequences in a random order (what the GRPO update does with its
           shuffled kept sequences, and SFT without length grouping), right-padded to the longest;
-  packed: data.pack_by_tokens (first-fit decreasing) into rows of at most `budget` tokens, each run as one
-          padding-free row (model.Policy.pack); budget = the padded path's largest micro-batch (rows x width),
-          so both paths hold the same number of token slots at their peak.
+  packed: data.pack_by_tokens (first-fit decreasing) into micro-batches of at most `budget` tokens, each run
+          packed (model.Policy.pack: rows as wide as the micro-batch's longest sequence, data.pack_rows); budget
+          = the largest whose micro-batches hold no more token slots (rows x width) than the padded path's
+          largest, so both paths hold about the same activations at their peak.
 Sequences: prompts of the synthetic task (half with an image) + completions of log-normal length (median
-`--median` tokens, clipped to [8, --max_completion]): a few long ones among many short ones, as RL completions
+`--median` tokens, sigma `--spread`, clipped to [8, --max_completion]): a few long ones among many short ones, as RL completions
 and reasoning traces are. The two paths alternate `--repeats` times; the medians are reported.
 
     python bench/pack_throughput.py                 # tiny-qwen (151k vocabulary), 48 sequences, 3 repeats
@@ -37,8 +38,9 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-qwen")
     ap.add_argument("--n", type=int, default=48, help="sequences")
     ap.add_argument("--micro_batch", type=int, default=8, help="sequences per padded micro-batch")
-    ap.add_argument("--median", type=int, default=48, help="median completion length (tokens)")
-    ap.add_argument("--max_completion", type=int, default=1024)
+    ap.add_argument("--median", type=int, default=64, help="median completion length (tokens)")
+    ap.add_argument("--spread", type=float, default=1.2, help="sigma of the log-normal completion lengths")
+    ap.add_argument("--max_completion", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -63,17 +65,24 @@ def main() -> None:
         prompts = [D.encode_prompt(r, processor) for r in records]  # pixels processed here, while the files exist
     g = torch.Generator().manual_seed(args.seed)
     n_plain = min(tok.convert_tokens_to_ids(t) for t in M.SPECIAL_TOKENS)  # ids below are ordinary BPE tokens
-    lengths_c = torch.randn(len(prompts), generator=g).exp().mul(args.median).clamp(8, args.max_completion).long().tolist()
+    lengths_c = torch.randn(len(prompts), generator=g).mul(args.spread).exp().mul(args.median).clamp(8, args.max_completion).long().tolist()
     completions = [torch.randint(0, n_plain, (n,), generator=g).tolist() for n in lengths_c]
     order = torch.randperm(len(prompts), generator=g).tolist()  # the update's shuffled order
     lengths = [len(p.input_ids) + len(c) for p, c in zip(prompts, completions)]
     real = sum(lengths)
 
+    def slots(mb: list[int], pack: bool) -> int:  # token slots one micro-batch computes (its rows x width)
+        ls = [lengths[i] for i in mb]
+        return (len(D.pack_rows(ls)) if pack else len(ls)) * max(ls)
+
     padded = [order[s : s + args.micro_batch] for s in range(0, len(order), args.micro_batch)]
-    slots_padded = [len(mb) * max(lengths[i] for i in mb) for mb in padded]
-    budget = max(slots_padded)  # equal peak token slots
+    slots_padded = [slots(mb, False) for mb in padded]
+    # the largest budget whose packed micro-batches hold no more token slots than the padded path's largest
+    budget = max(slots_padded)
+    while max(slots(b, True) for b in D.pack_by_tokens(lengths, budget)) > max(slots_padded):
+        budget -= 16
     packed = D.pack_by_tokens(lengths, budget)
-    slots_packed = [sum(lengths[i] for i in b) for b in packed]
+    slots_packed = [slots(b, True) for b in packed]
     plans = {"padded": (padded, False, slots_padded), "packed": (packed, True, slots_packed)}
     targets = sum(len(c) for c in completions)
 
@@ -107,8 +116,8 @@ def main() -> None:
               f"{max(slots)} token slots, {sec:.2f} s per pass (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
               f"{real / sec:.0f} tokens/s")
     fill = real / (len(packed) * budget)
-    print(f"packed rows: budget {budget} tokens, filled {fill:.3f} on average ({math.ceil(real / budget)} rows at "
-          f"best, {len(packed)} used)")
+    print(f"packed micro-batches: budget {budget} tokens, filled {fill:.3f} on average ({math.ceil(real / budget)} "
+          f"at best, {len(packed)} used)")
     ratio = result["packed"]["tokens_per_s"] / result["padded"]["tokens_per_s"]
     print(json.dumps({"model": args.model, "n": len(prompts), "budget": budget, **{f"{k}_{m}": round(v, 4) for k in
                       result for m, v in result[k].items()}}))

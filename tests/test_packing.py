@@ -92,7 +92,7 @@ def test_packed_forward_matches_padded(synth_dir, dedupe):
     # the premise: the Policy packs the six sequences into three rows as wide as the longest sequence, and the
     # images (of sequences 0, 2, 3, 5) come out in another order (3, 5, 0, 2), so they must move with their sequences
     lengths = batch["attention_mask"].sum(-1).tolist()
-    assert D.pack_by_tokens(lengths, max(lengths)) == [[1], [3, 5, 0], [2, 4]]
+    assert D.pack_rows(lengths) == [[1], [3, 5, 0], [2, 4]]
     padded = _logp_and_grads(policy, batch)
     policy.pack = True
     packed = _logp_and_grads(policy, batch)
@@ -269,14 +269,14 @@ def test_sft_packed_matches_padded(sft_data, sft_padded, tmp_path):
     rows, sd = _sft_run(sft_data, str(tmp_path / "packed"), SFT_BUDGET)
     _assert_same_sft(rows, ref, rel=1e-6)
     assert max(float((sd[k] - ref_sd[k]).abs().max()) for k in sd) < 1e-4
-    assert all(r["pad_frac"] == 0.0 for r in rows) and max(r["pad_frac"] for r in ref) > 0.05  # the premise
+    assert sum(r["pad_frac"] for r in rows) < sum(r["pad_frac"] for r in ref) / 2 and max(r["pad_frac"] for r in ref) > 0.1
     # the premise: packed micro-batches hold several sequences (the first step's plan)
     lengths = [e.length for e in sft.build_examples(D.load_records(os.path.join(sft_data, "sft.jsonl"), require_solution=True),
                                                     M.load_model("tiny")[1], sft.SFTConfig(data="x"))]
     order = sft.epoch_order(lengths, 0, 0, 2, False)
     plans = [sft.rank_micro_batches(order[s : s + 8], 2, 1, 0, lengths, SFT_BUDGET) for s in range(0, 32, 8)]
     assert all(len(plan) < 4 for plan in plans)  # fewer micro-batches than the padded path's four
-    rows = [D.pack_by_tokens([lengths[i] for i in mb], max(lengths[i] for i in mb)) for plan in plans for mb in plan]
+    rows = [D.pack_rows([lengths[i] for i in mb]) for plan in plans for mb in plan]
     assert max(len(row) for r in rows for row in r) >= 2  # a packed row holds several sequences
 
 
