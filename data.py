@@ -356,11 +356,33 @@ def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
-def pack_rows(lengths: list[int]) -> list[list[int]]:
-    """The rows a packed micro-batch runs as (model.Policy.pack): first-fit decreasing into rows as wide as its
-    longest sequence, so a row's attention (sdpa computes all W x W scores of a row, masked or not) costs no more
-    than a padded row's. The rows are padded to that width: len(rows) * max(lengths) token slots in all."""
-    return pack_by_tokens(lengths, max(lengths))
+def pack_rows(lengths: list[int], max_widen: float = 1.25) -> list[list[int]]:
+    """The rows a packed micro-batch runs as (model.Policy.pack), first-fit decreasing, with the fewer token slots
+    (rows x longest row) of two layouts: rows as wide as the longest sequence, or floor(total / longest) rows
+    (at least one) of about total / rows tokens (the width grows in steps of 1% until the sequences fit), taken
+    only while that width stays within `max_widen` x the longest sequence. sdpa computes all W x W scores of a
+    row, masked or not (no varlen kernel without flash-attn), so the width bound keeps a row's attention within
+    max_widen^2 of a padded row's while the second layout removes the padding the first leaves in its last row."""
+    longest = max(lengths)
+    best = pack_by_tokens(lengths, longest)
+    n_rows = max(1, sum(lengths) // longest)
+    width = -(-sum(lengths) // n_rows)  # ceil: n_rows rows of this width would hold every token
+    while width <= max_widen * longest and len(rows := pack_by_tokens(lengths, width)) > n_rows:
+        width += max(1, width // 100)
+    if width <= max_widen * longest:
+        rows = pack_by_tokens(lengths, width)
+        if _row_slots(rows, lengths) < _row_slots(best, lengths):
+            best = rows
+    return best
+
+
+def _row_slots(rows: list[list[int]], lengths: list[int]) -> int:
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+
+def packed_slots(lengths: list[int]) -> int:
+    """Token slots a packed micro-batch computes: its rows (`pack_rows`) times the longest of them."""
+    return _row_slots(pack_rows(lengths), lengths)
 
 
 def deal_bins(loads: list[int], world: int) -> list[list[int]]:

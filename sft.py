@@ -179,10 +179,10 @@ def filler_items(items: list[int], cfg: SFTConfig, lengths: list[int]) -> list[i
 
 
 def computed_tokens(micro_batches: list[list[int]], lengths: list[int], packed: bool) -> int:
-    """Token slots a forward computes over these micro-batches: rows as long as the micro-batch's longest
-    sequence, one per sequence (padded) or as data.pack_rows packs them (packed)."""
-    rows = (lambda ls: len(D.pack_rows(ls))) if packed else len
-    return sum(rows([lengths[i] for i in mb]) * max(lengths[i] for i in mb) for mb in micro_batches)
+    """Token slots a forward computes over these micro-batches: one row per sequence as long as the longest
+    (padded), or the rows of data.pack_rows (packed)."""
+    slots = D.packed_slots if packed else (lambda ls: len(ls) * max(ls))
+    return sum(slots([lengths[i] for i in mb]) for mb in micro_batches)
 
 
 def token_mean_loss(nll_sums: list[torch.Tensor], global_tokens: int, world: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ sequences, two ways:
   padded: micro-batches of `--micro_batch` sequences in a random order (what the GRPO update does with its
           shuffled kept sequences, and SFT without length grouping), right-padded to the longest;
   packed: data.pack_by_tokens (first-fit decreasing) into micro-batches of at most `budget` tokens, each run
-          packed (model.Policy.pack: rows as wide as the micro-batch's longest sequence, data.pack_rows); budget
+          packed (model.Policy.pack: a few rows about as wide as the longest sequence, data.pack_rows); budget
           = the largest whose micro-batches hold no more token slots (rows x width) than the padded path's
           largest, so both paths hold about the same activations at their peak.
 Sequences: prompts of the synthetic task (half with an image) + completions of log-normal length (median
@@ -73,7 +73,7 @@ def main() -> None:
 
     def slots(mb: list[int], pack: bool) -> int:  # token slots one micro-batch computes (its rows x width)
         ls = [lengths[i] for i in mb]
-        return (len(D.pack_rows(ls)) if pack else len(ls)) * max(ls)
+        return D.packed_slots(ls) if pack else len(ls) * max(ls)
 
     padded = [order[s : s + args.micro_batch] for s in range(0, len(order), args.micro_batch)]
     slots_padded = [slots(mb, False) for mb in padded]
