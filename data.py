@@ -357,22 +357,19 @@ def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def pack_rows(lengths: list[int], max_widen: float = 1.25) -> list[list[int]]:
-    """The rows a packed micro-batch runs as (model.Policy.pack), first-fit decreasing, with the fewer token slots
-    (rows x longest row) of two layouts: rows as wide as the longest sequence, or floor(total / longest) rows
-    (at least one) of about total / rows tokens (the width grows in steps of 1% until the sequences fit), taken
-    only while that width stays within `max_widen` x the longest sequence. sdpa computes all W x W scores of a
-    row, masked or not (no varlen kernel without flash-attn), so the width bound keeps a row's attention within
-    max_widen^2 of a padded row's while the second layout removes the padding the first leaves in its last row."""
+    """The rows a packed micro-batch runs as (model.Policy.pack): first-fit decreasing into rows of width W, for
+    the W between the longest sequence and `max_widen` times it (in steps of 1%) that computes the fewest token
+    slots (rows x longest row; ties: the narrowest). sdpa computes all W x W scores of a row, masked or not (no
+    varlen kernel without flash-attn), so the bound keeps a row's attention within max_widen^2 of a padded row's,
+    while the wider rows take up what the narrowest layout leaves as padding in its rows."""
     longest = max(lengths)
-    best = pack_by_tokens(lengths, longest)
-    n_rows = max(1, sum(lengths) // longest)
-    width = -(-sum(lengths) // n_rows)  # ceil: n_rows rows of this width would hold every token
-    while width <= max_widen * longest and len(rows := pack_by_tokens(lengths, width)) > n_rows:
-        width += max(1, width // 100)
-    if width <= max_widen * longest:
+    best, best_slots, width = None, 0, longest
+    while width <= max_widen * longest:
         rows = pack_by_tokens(lengths, width)
-        if _row_slots(rows, lengths) < _row_slots(best, lengths):
-            best = rows
+        slots = _row_slots(rows, lengths)
+        if best is None or slots < best_slots:
+            best, best_slots = rows, slots
+        width += max(1, width // 100)
     return best
 
 

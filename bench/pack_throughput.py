@@ -115,6 +115,9 @@ def main() -> None:
         print(f"{name:>7}: {len(mbs):3d} micro-batches, padding fraction {result[name]['pad_frac']:.3f}, peak "
               f"{max(slots)} token slots, {sec:.2f} s per pass (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
               f"{real / sec:.0f} tokens/s")
+    layout = [f"{len(D.pack_rows([lengths[i] for i in b]))}x{D.packed_slots([lengths[i] for i in b]) // len(D.pack_rows([lengths[i] for i in b]))}"
+              f" ({sum(lengths[i] for i in b)} tokens)" for b in packed]
+    print(f"packed rows per micro-batch (rows x width): {', '.join(layout)}")
     fill = real / (len(packed) * budget)
     print(f"packed micro-batches: budget {budget} tokens, filled {fill:.3f} on average ({math.ceil(real / budget)} "
           f"at best, {len(packed)} used)")
