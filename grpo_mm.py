@@ -26,6 +26,9 @@ Where this departs from the paper (PAPER.md lists the sources):
     pipeline, run.sh, turns it off here: on the synthetic task it cost text accuracy, BENCHMARKS.md).
   - Truncated completions are graded as they are and kept in the loss (`truncation="keep"`); "mask" leaves
     them out of the update (they still count in their group's advantage).
+  - `micro_batch_tokens` > 0 (default 0: off): the update's micro-batches are packed by tokens (prompt +
+    completion, first-fit decreasing, balanced over ranks) and run padding-free (model.Policy.pack), in place
+    of `micro_batch` sequences with the group's prompt shared (`share_prefix`); the loss is unchanged.
 Launch: `python grpo_mm.py --key=value ...` (one CPU) or `torchrun --nproc_per_node 8 grpo_mm.py --config
 configs/grpo_mm_7b.yaml`. grpo_text.py runs this same loop with text data and the vision tower frozen.
 """

@@ -17,6 +17,8 @@
 - Rollout sampling (generation configs, our decode loop, the top-p sampler) lives in sampling.py.
 - `Policy.dedupe_images` / `Policy.share_prefix` (opt-in): a batch's repeated images through the vision tower
   once, and its repeated prompts through the decoder once (the group's completions on a shared KV cache).
+- `Policy.pack` (opt-in, `micro_batch_tokens` > 0 in the training stages): the batch's sequences packed into a
+  few rows with block-diagonal causal attention (`pack_sequences`), no padding but what the rows' ends leave.
 """
 
 from __future__ import annotations
@@ -570,10 +572,10 @@ class Policy(nn.Module):
 
         The sequences go first-fit decreasing into a few rows about as wide as the longest sequence
         (data.pack_rows), so a row's attention costs about what a padded row's does (sdpa computes every row's
-        full W x W scores: without flash-attn's varlen kernels, one row of all the batch's tokens would cost
-        (sum of lengths)^2; measured 0.70x the padded path's speed on CPU). The M-RoPE
-        positions are computed on the padded batch, per row, exactly as the plain path does; each sequence's
-        images are moved with it (pixel_values sliced by image_grid_thw, in the packed order)."""
+        full W x W scores: without flash-attn's varlen kernels, one row of all the batch's tokens costs (sum of
+        lengths)^2, and ran at 0.70x the padded path's tokens/s in bench/pack_throughput.py's first version).
+        The M-RoPE positions are computed on the padded batch, per row, exactly as the plain path does; each
+        sequence's images move with it (pixel_values sliced by image_grid_thw, in the packed order)."""
         import data as D
 
         cfg = self.model.config
@@ -582,7 +584,7 @@ class Policy(nn.Module):
         rows = D.pack_rows(lengths)
         pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
         ids, pos, where = pack_sequences(input_ids, attention_mask, position_ids, rows, pad)
-        mm = (ids == cfg.image_token_id).int()
+        mm = (ids == cfg.image_token_id).int()  # image slots, as the collate functions mark them
         pv = grid = None
         if pixel_values is not None:  # images in the packed order of their sequences
             per_seq = (input_ids == cfg.vision_start_token_id).sum(-1).tolist()  # a sequence's images are consecutive

@@ -35,8 +35,9 @@ Where this departs from the paper, or fills in what it leaves open
 * The last optimizer step of an epoch takes the remaining records (fewer than global_batch); the loss is
   still a mean over its tokens.
 * `micro_batch_tokens` > 0 (default 0: off, `micro_batch` sequences right-padded as before): a step's
-  sequences are packed first-fit decreasing into micro-batches of at most that many tokens, each run as one
-  padding-free row (`model.Policy.pack`: block-diagonal causal attention, positions restarting per sequence),
+  sequences are packed first-fit decreasing into micro-batches of at most that many tokens, each run as a few
+  nearly padding-free rows (`model.Policy.pack`: block-diagonal causal attention, positions restarting per
+  sequence),
   dealt to ranks balanced by tokens with the same count on every rank. The loss is the same token mean; only
   the grouping changes (equal to the padded path to ~1e-6, tests/test_packing.py).
 * A micro-batch without images runs the vision tower on a dummy image (output x 0) in every mode, so the
@@ -355,7 +356,7 @@ def train(cfg: SFTConfig) -> str:
 
     # Model, optimizer
     policy = M.Policy(model, chunk_size=cfg.chunk_size)
-    policy.pack = cfg.micro_batch_tokens > 0  # each micro-batch one padding-free row (model.Policy.pack)
+    policy.pack = cfg.micro_batch_tokens > 0  # each micro-batch run as packed rows (model.Policy.pack)
     M.set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     M.freeze_vision(model, cfg.freeze_vision)
     policy.train()
