@@ -326,3 +326,46 @@ def test_grpo_packed_two_processes_matches_padded_one(synth_dir, tmp_path, backe
                     f"packed {backend} x2 vs padded x1")
     _compare_stats(got["stats"], want["stats"], f"packed {backend} x2 vs padded x1")
     assert got["stats"]["updates"] == 4 and G.GRPOConfig().micro_batch_tokens == 0 and W.N == 4
+
+
+@pytest.mark.slow
+def test_grpo_update_packed_matches_padded_one_process(synth_dir):
+    """grpo_mm.update on one process, PAD on (one sequence drawn twice), 2 updates x 2 ppo epochs: 900-token
+    micro-batches packed into rows of several sequences (a 300-token completion sets the row width) give the
+    padded update's statistics and weights (padded: one sequence per micro-batch, share_prefix and
+    dedupe_images on, as grpo_mm.setup_policy sets them)."""
+    mm = D.load_records(os.path.join(synth_dir, "mm_train.jsonl"), limit=2)
+    records = mm + D.load_records(os.path.join(synth_dir, "text_train.jsonl"), limit=1)
+    _, processor = M.load_model("tiny", seed=0)
+    encoded = {i: D.encode_prompt(r, processor) for i, r in enumerate(records)}
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    g = torch.Generator().manual_seed(3)
+    samples = []
+    for rec, n, adv, drawn in [(0, 300, 1.2, 1), (0, 5, -0.4, 1), (1, 12, 0.8, 2), (1, 30, -1.1, 1), (2, 8, 0.5, 1),
+                               (2, 20, -0.9, 0), (2, 3, 0.3, 1)]:
+        comp = torch.randint(0, 300, (n - 1,), generator=g).tolist() + [im_end]
+        samples.append(G.Sample(rec=rec, completion=comp, text="", truncated=False, advantage=adv, times_drawn=drawn,
+                                prompt_len=len(encoded[rec].input_ids)))
+    results = {}
+    for name, budget in (("padded", 0), ("packed", 900)):
+        cfg = G.GRPOConfig(mini_batch=4, micro_batch=1, micro_batch_tokens=budget, ppo_epochs=2, entropy_warmup=0)
+        policy = M.Policy(M.build_tiny("tiny", seed=0)[0])
+        policy.dedupe_images = policy.share_prefix = True
+        policy.pack = budget > 0
+        params = list(policy.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.lr)  # grpo_mm's default 5e-5, as tests/grpo_worker.py
+        plans = G.plan_updates(samples, cfg, 1, torch.Generator().manual_seed(0))
+        stats = G.update(policy, None, samples, records, dict(encoded), processor, D.REASONING_PROMPT, "system", cfg,
+                         C.Dist(), 0.02, torch.Generator().manual_seed(0), params, opt)
+        results[name] = (stats, {k: v.detach().clone() for k, v in policy.state_dict().items()}, plans)
+    (want, w_sd, w_plans), (got, g_sd, g_plans) = results["padded"], results["packed"]
+    # the premise: the packed plan has fewer micro-batches, and some packed row holds several sequences
+    assert sum(len(m[0]) for m, _ in g_plans) < sum(len(m[0]) for m, _ in w_plans)
+    lengths = {i: s.prompt_len + len(s.completion) for i, s in enumerate(samples)}
+    assert any(len(row) > 1 for m, _ in g_plans for mb in m[0] for row in D.pack_rows([lengths[i] for i in mb]))
+    assert got["updates"] == want["updates"] == 4
+    for key in ("loss", "entropy", "clip_frac", "grad_norm"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    from test_grpo_dist import _compare_states  # moved by more than 2e-5, equal within atol 1e-5, rtol 1e-4
+
+    _compare_states(g_sd, w_sd, M.Policy(M.build_tiny("tiny", seed=0)[0]).state_dict(), "packed vs padded")
