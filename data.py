@@ -339,6 +339,71 @@ def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.G
     return [i for b in order for i in batches[b]]
 
 
+def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of `lengths` in bins of at most `budget` tokens each (a sequence longer
+    than the budget gets a bin of its own; it cannot be split). Longest first, ties by index, each into the first
+    bin it fits; deterministic, so every rank computes the same bins."""
+    bins: list[list[int]] = []
+    room: list[int] = []  # tokens left in each bin
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = next((k for k, r in enumerate(room) if lengths[i] <= r), None)
+        if k is None:  # fits nowhere: a new bin (over budget only when the sequence alone is)
+            bins.append([i])
+            room.append(budget - lengths[i])
+        else:
+            bins[k].append(i)
+            room[k] -= lengths[i]
+    return bins
+
+
+def pack_rows(lengths: list[int], max_widen: float = 1.25) -> list[list[int]]:
+    """The rows a packed micro-batch runs as (model.Policy.pack): first-fit decreasing into rows of width W, for
+    the W between the longest sequence and `max_widen` times it (in steps of 1%) that computes the fewest token
+    slots (rows x longest row; ties: the narrowest). sdpa computes all W x W scores of a row, masked or not (no
+    varlen kernel without flash-attn), so the bound keeps a row's attention within max_widen^2 of a padded row's,
+    while the wider rows take up what the narrowest layout leaves as padding in its rows."""
+    longest = max(lengths)
+    best, best_slots, width = None, 0, longest
+    while width <= max_widen * longest:
+        rows = pack_by_tokens(lengths, width)
+        slots = _row_slots(rows, lengths)
+        if best is None or slots < best_slots:
+            best, best_slots = rows, slots
+        width += max(1, width // 100)
+    return best
+
+
+def _row_slots(rows: list[list[int]], lengths: list[int]) -> int:
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+
+def packed_slots(lengths: list[int]) -> int:
+    """Token slots a packed micro-batch computes: its rows (`pack_rows`) times the longest of them."""
+    return _row_slots(pack_rows(lengths), lengths)
+
+
+def deal_bins(loads: list[int], world: int) -> list[list[int]]:
+    """Bin indices per rank: heaviest bin first onto the least loaded rank (by tokens) among those holding the
+    fewest bins, so the counts differ by at most one (the short ranks run one zero-weight filler) and the token
+    loads are balanced within that constraint. Deterministic."""
+    per_rank: list[list[int]] = [[] for _ in range(world)]
+    load = [0] * world
+    for b in sorted(range(len(loads)), key=lambda b: (-loads[b], b)):
+        fewest = min(len(p) for p in per_rank)
+        r = min((r for r in range(world) if len(per_rank[r]) == fewest), key=lambda r: (load[r], r))
+        per_rank[r].append(b)
+        load[r] += loads[b]
+    return per_rank
+
+
+def packed_micro_batches(items: list[int], lengths: list[int], budget: int, world: int) -> list[list[list[int]]]:
+    """`items` (indices into `lengths`) packed by `pack_by_tokens` and dealt by `deal_bins`: per rank, its
+    micro-batches (lists of items). Ranks may hold one micro-batch fewer than others; callers pad with fillers."""
+    bins = [[items[j] for j in b] for b in pack_by_tokens([lengths[i] for i in items], budget)]
+    per_rank = deal_bins([sum(lengths[i] for i in b) for b in bins], world)
+    return [[bins[b] for b in p] for p in per_rank]
+
+
 def padding_fraction(lengths: list[int]) -> float:
     """Share of a right-padded batch that is padding."""
     return 1.0 - sum(lengths) / (max(lengths) * len(lengths)) if lengths else 0.0

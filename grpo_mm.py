@@ -27,6 +27,9 @@ Where this departs from the paper (PAPER.md lists the sources):
     pipeline, run.sh, turns it off here: on the synthetic task it cost text accuracy, BENCHMARKS.md).
   - Truncated completions are graded as they are and kept in the loss (`truncation="keep"`); "mask" leaves
     them out of the update (they still count in their group's advantage).
+  - `micro_batch_tokens` > 0 (default 0: off): the update's micro-batches are packed by tokens (prompt +
+    completion, first-fit decreasing, balanced over ranks) and run padding-free (model.Policy.pack), in place
+    of `micro_batch` sequences with the group's prompt shared (`share_prefix`); the loss is unchanged.
 Launch: `python grpo_mm.py --key=value ...` (one CPU) or `torchrun --nproc_per_node 8 grpo_mm.py --config
 configs/grpo_mm_7b.yaml`. grpo_text.py runs this same loop with text data and the vision tower frozen.
 """
@@ -82,6 +85,7 @@ class GRPOConfig:
     # update
     mini_batch: int = 64  # sequences per optimizer update, global (paper: 128 prompts x 8 = 1024 sequences)
     micro_batch: int = 32  # sequences per forward/backward per rank (memory knob)
+    micro_batch_tokens: int = 0  # > 0: micro-batches packed padding-free up to this many tokens (replaces micro_batch)
     ppo_epochs: int = 1  # passes over the kept sequences per rollout step
     lr: float = 5e-5  # paper: 1e-6 (7B); the tiny model needs more, and forgets at >= 1e-4
     weight_decay: float = 1e-2  # paper Table 5
@@ -258,6 +262,7 @@ class Sample:
     len_reward: float = 0.0
     advantage: float = 0.0
     times_drawn: int = 0
+    prompt_len: int = 0  # tokens of the prompt (the packer sizes micro-batches by prompt + completion)
 
 
 class PromptSampler:
@@ -304,6 +309,7 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
         for s in range(0, len(prompts), step):
             chunk = prompts[s : s + step]
             ids = [r for r in rec_ids[s : s + step] for _ in range(cfg.group_size)]
+            prompt_lens = [len(p.input_ids) for p in chunk for _ in range(cfg.group_size)]  # row-aligned with ids
             batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
             # The engine takes a rank's whole step (512 prompts at paper scale: tens of GB of pixel patches at
             # max_pixels): their pixels stay on the host and each prefill moves its own rows' images.
@@ -317,9 +323,10 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
                 seqs = S.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.group_size,
                                   use_hf=cfg.hf_generate)
             new = seqs[:, batch["input_ids"].shape[1] :].tolist()
-            for rec, gen in zip(ids, new):
+            for rec, plen, gen in zip(ids, prompt_lens, new):
                 completion, truncated = S.split_completion(gen, eos)
-                out.append(Sample(rec, completion, tok.decode(completion, skip_special_tokens=True), truncated))
+                out.append(Sample(rec, completion, tok.decode(completion, skip_special_tokens=True), truncated,
+                                  prompt_len=plen))
     return out
 
 
@@ -332,12 +339,24 @@ def plan_updates(samples: list[Sample], cfg: GRPOConfig, world: int, generator: 
     """Kept sequences -> per update: (per rank, a list of micro-batches of sample indices; global token count).
 
     A sequence drawn k times appears k times. Each mini-batch is spread over ranks balanced by tokens, and
-    every rank gets the same number of micro-batches (empty ones are padded by the caller with weight 0)."""
+    every rank gets the same number of micro-batches (empty ones are padded by the caller with weight 0).
+
+    `micro_batch_tokens` > 0: each mini-batch is packed instead (data.packed_micro_batches: first-fit decreasing
+    into micro-batches of at most that many prompt + completion tokens, dealt to ranks balanced by tokens); the
+    mini-batches, their token counts and so the loss are the same, only the grouping changes."""
     kept = [i for i, s in enumerate(samples) for _ in range(s.times_drawn)]
     kept = [kept[j] for j in torch.randperm(len(kept), generator=generator).tolist()]
     plans = []
     for s in range(0, len(kept), cfg.mini_batch):
         mb = kept[s : s + cfg.mini_batch]
+        if cfg.micro_batch_tokens > 0:
+            lengths = [samples[i].prompt_len + len(samples[i].completion) for i in mb]
+            # packed over positions in mb (a sequence drawn twice is two items), then mapped to sample indices
+            packed = D.packed_micro_batches(list(range(len(mb))), lengths, cfg.micro_batch_tokens, world)
+            n_micro = max(len(p) for p in packed)
+            micro = [[[mb[j] for j in b] for b in p] + [[]] * (n_micro - len(p)) for p in packed]
+            plans.append((micro, sum(len(samples[i].completion) for i in mb)))
+            continue
         per_rank = [[mb[j] for j in part] for part in balance_over_ranks([len(samples[i].completion) for i in mb], world)]
         n_micro = max(math.ceil(len(p) / cfg.micro_batch) for p in per_rank)
         micro = [[p[k * cfg.micro_batch : (k + 1) * cfg.micro_batch] for k in range(n_micro)] for p in per_rank]
@@ -385,6 +404,8 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
         # A group's n sequences share one prompt: its image through the vision tower once and its prompt
         # through the decoder once (model.py; equal to the plain forward up to summation order).
         policy.dedupe_images = policy.share_prefix = True
+        # Token-budget micro-batches run as packed rows (model.Policy.pack), which replace the shared prefix.
+        policy.pack = cfg.micro_batch_tokens > 0
         if fsdp:
             M.shard(policy, param_dtype=torch.bfloat16 if use_bf16 else None, from_rank0=from_rank0)
         else:
@@ -441,6 +462,8 @@ def validate_config(cfg: GRPOConfig, world: int) -> None:
             raise C.ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.rollout_slots < 0:
         raise C.ConfigError(f"--rollout_slots must be >= 0 (0: rollout_micro_batch x group_size), got {cfg.rollout_slots}")
+    if cfg.micro_batch_tokens < 0:
+        raise C.ConfigError(f"--micro_batch_tokens must be >= 0 (0 = off), got {cfg.micro_batch_tokens}")
     if cfg.min_pixels < 0 or cfg.max_pixels < 0 or (cfg.min_pixels and cfg.max_pixels and cfg.min_pixels > cfg.max_pixels):
         raise C.ConfigError(f"--min_pixels / --max_pixels: 0 (the checkpoint's) or 0 < min <= max, got "
                             f"{cfg.min_pixels}, {cfg.max_pixels}")

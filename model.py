@@ -17,6 +17,8 @@
 - Rollout sampling (generation configs, our decode loop, the top-p sampler) lives in sampling.py.
 - `Policy.dedupe_images` / `Policy.share_prefix` (opt-in): a batch's repeated images through the vision tower
   once, and its repeated prompts through the decoder once (the group's completions on a shared KV cache).
+- `Policy.pack` (opt-in, `micro_batch_tokens` > 0 in the training stages): the batch's sequences packed into a
+  few rows with block-diagonal causal attention (`pack_sequences`), no padding but what the rows' ends leave.
 """
 
 from __future__ import annotations
@@ -414,6 +416,38 @@ def position_ids_for(model: Qwen2_5_VLForConditionalGeneration, input_ids, atten
     return pos.unsqueeze(0).expand(3, -1, -1)
 
 
+def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                   rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A padded batch (B, T) packed into len(rows) rows, rows[r] listing the sequences of row r in order:
+    (input_ids (R, W), position_ids (4, R, W), where (B, T)), W the longest row, `where[b, t]` the flat index
+    (r * W + column) of token (b, t) in the packed rows (-1 for padding).
+
+    Row 0 of the position ids is each sequence's text position, restarting at 0 where a sequence starts; rows 1-3
+    are its own 3-D M-RoPE positions (`position_ids`, (3, B, T), as `position_ids_for` computes them per row).
+    With `attention_mask=None`, transformers reads row 0 (`find_packed_sequence_indices`: a new sequence wherever
+    the position does not go up by 1) and builds a block-diagonal causal mask, so no token attends across a
+    sequence boundary. A row shorter than W ends in padding whose text positions restart at 0 too: a block of
+    its own that no real token sees."""
+    lengths = attention_mask.sum(-1).tolist()
+    width = max(sum(lengths[b] for b in row) for row in rows)
+    dev = input_ids.device
+    ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype, device=dev)
+    pos = torch.zeros(4, len(rows), width, dtype=position_ids.dtype, device=dev)
+    where = torch.full(input_ids.shape, -1, dtype=torch.long, device=dev)
+    for r, row in enumerate(rows):
+        col = 0
+        for b in row:
+            real = attention_mask[b].bool()  # the sequence's tokens, wherever its padding is
+            n = lengths[b]
+            ids[r, col : col + n] = input_ids[b, real]
+            pos[0, r, col : col + n] = torch.arange(n, device=dev)
+            pos[1:, r, col : col + n] = position_ids[:, b, real]
+            where[b, real] = r * width + col + torch.arange(n, device=dev)
+            col += n
+        pos[0, r, col:] = torch.arange(width - col, device=dev)  # trailing padding: its own block
+    return ids, pos, where
+
+
 def cache_kwarg(model) -> str:
     """The forward's name for the KV cache: `cache` in transformers >= 5.2x, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -447,6 +481,14 @@ class Policy(nn.Module):
         # start with it (a group's n samples) attend to its KV cache (`_shared_prefix_hidden`); the plain path
         # runs under gradient checkpointing, which turns the decoder's cache off.
         self.share_prefix = False
+        # Opt-in (sft.py / grpo_mm.py `micro_batch_tokens` > 0): the batch's sequences run packed into a few rows
+        # with (almost) no padding (`_packed_hidden`, `pack_sequences`; block-diagonal causal attention built by
+        # transformers from the restarting text positions). It replaces `share_prefix` when both are on (a packed
+        # row holds each sequence whole, its prompt included); `dedupe_images` still applies. Without flash-attn
+        # (not installable on CPU, absent on the GPU nodes) sdpa gets an explicit (W x W) boolean mask per row and
+        # computes every score of a row, masked or not; the gain is in every other layer (MLP, norms, projections),
+        # which no longer run on padding, and in fewer, fuller rows.
+        self.pack = False
 
     def dummy_vision(self) -> torch.Tensor:
         vc = self.model.config.vision_config
@@ -527,6 +569,43 @@ class Policy(nn.Module):
         h_pred = torch.cat([h_first[:, None], out.last_hidden_state[:, :-1]], 1)  # h_pred[:, j] predicts ids_c[:, j]
         return h_pred[sel_c]
 
+    def _packed_hidden(self, input_ids, attention_mask, sel, mm_token_type_ids, pixel_values, image_grid_thw,
+                       ) -> torch.Tensor:
+        """The hidden states that predict the `sel` tokens (row-major), with the batch packed padding-free.
+
+        The sequences go first-fit decreasing into a few rows about as wide as the longest sequence
+        (data.pack_rows), so a row's attention costs about what a padded row's does (sdpa computes every row's
+        full W x W scores: without flash-attn's varlen kernels, one row of all the batch's tokens costs (sum of
+        lengths)^2, and ran at 0.70x the padded path's tokens/s in bench/pack_throughput.py's first version).
+        The M-RoPE positions are computed on the padded batch, per row, exactly as the plain path does; each
+        sequence's images move with it (pixel_values sliced by image_grid_thw, in the packed order)."""
+        import data as D
+
+        cfg = self.model.config
+        position_ids = position_ids_for(self.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        lengths = attention_mask.sum(-1).tolist()
+        rows = D.pack_rows(lengths)
+        pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
+        ids, pos, where = pack_sequences(input_ids, attention_mask, position_ids, rows, pad)
+        mm = (ids == cfg.image_token_id).int()  # image slots, as the collate functions mark them
+        pv = grid = None
+        if pixel_values is not None:  # images in the packed order of their sequences
+            per_seq = (input_ids == cfg.vision_start_token_id).sum(-1).tolist()  # a sequence's images are consecutive
+            blocks = D.slice_pixel_values(pixel_values, image_grid_thw, per_seq)
+            first = [sum(per_seq[:b]) for b in range(len(per_seq))]
+            order = [b for row in rows for b in row]
+            pv = torch.cat([blocks[b] for b in order])
+            grid = image_grid_thw[[i for b in order for i in range(first[b], first[b] + per_seq[b])]]
+        unique = dedupe_images(pv, grid) if pv is not None and self.dedupe_images else None
+        common = dict(attention_mask=None, position_ids=pos, mm_token_type_ids=mm, use_cache=False)
+        if unique is None:
+            out = self.model.model(input_ids=ids, pixel_values=pv, image_grid_thw=grid, **common)
+        else:
+            out = self.model.model(inputs_embeds=self.embeds_with_images(ids, *unique), **common)
+        hidden = out.last_hidden_state.flatten(0, 1)  # (R * W, H)
+        # Token (b, t) is predicted by the hidden state of token (b, t - 1), wherever that landed in the rows.
+        return hidden[where[:, :-1][sel[:, 1:]]]
+
     def embeds_with_images(self, input_ids, pixel_values, image_grid_thw, inverse) -> torch.Tensor:
         """Token embeddings with every image's features in its <|image_pad|> slots; the tower runs on the distinct
         images (`pixel_values`, `image_grid_thw`) and image i of the batch gets distinct image `inverse[i]`'s
@@ -551,7 +630,10 @@ class Policy(nn.Module):
         # Position t-1 predicts token t: the hidden states that predict a target token, in row-major order.
         sel = target_mask.bool().clone()
         sel[:, 0] = False
-        if self.share_prefix and not is_gradient_checkpointing(self.model):
+        if self.pack:
+            h_sel = self._packed_hidden(input_ids, attention_mask, sel, mm_token_type_ids,
+                                        pixel_values if has_images else None, image_grid_thw if has_images else None)
+        elif self.share_prefix and not is_gradient_checkpointing(self.model):
             h_sel = self._shared_prefix_hidden(input_ids, attention_mask, sel, pixel_values if has_images else None,
                                                image_grid_thw if has_images else None)  # fmt: skip
         else:

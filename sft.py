@@ -34,6 +34,12 @@ Where this departs from the paper, or fills in what it leaves open
   autocast with ddp/none; PITFALLS.md), never bf16 weights; the log-probs come from fp32 logits either way.
 * The last optimizer step of an epoch takes the remaining records (fewer than global_batch); the loss is
   still a mean over its tokens.
+* `micro_batch_tokens` > 0 (default 0: off, `micro_batch` sequences right-padded as before): a step's
+  sequences are packed first-fit decreasing into micro-batches of at most that many tokens, each run as a few
+  nearly padding-free rows (`model.Policy.pack`: block-diagonal causal attention, positions restarting per
+  sequence),
+  dealt to ranks balanced by tokens with the same count on every rank. The loss is the same token mean; only
+  the grouping changes (equal to the padded path to ~1e-6, tests/test_packing.py).
 * A micro-batch without images runs the vision tower on a dummy image (output x 0) in every mode, so the
   tower always has a (zero) gradient and AdamW's state evolves the same on 1 or N processes. The released
   (HF Trainer) code leaves such gradients at None, which skips the tower's AdamW step; here a step with no
@@ -90,6 +96,7 @@ class SFTConfig:
     adam_eps: float = 1e-8
     global_batch: int = 16  # sequences per optimizer step over all ranks; 7B: 64 (8 GPUs x 1 x accum 8)
     micro_batch: int = 8  # sequences per forward per rank; 7B: 1
+    micro_batch_tokens: int = 0  # > 0: micro-batches packed padding-free up to this many tokens (replaces micro_batch)
     max_len: int = 32768  # paper: 32768 (prompt + solution tokens)
     grad_clip: float = 1.0  # max grad norm (0 = off); paper silent, HF default
     seed: int = 0
@@ -149,13 +156,34 @@ def epoch_order(lengths: list[int], seed: int, epoch: int, micro_batch: int, gro
     return torch.randperm(len(lengths), generator=g).tolist()
 
 
-def rank_micro_batches(items: list[int], micro_batch: int, world: int, rank: int) -> list[list[int] | None]:
+def rank_micro_batches(items: list[int], micro_batch: int, world: int, rank: int, lengths: list[int] | None = None,
+                       budget: int = 0) -> list[list[int] | None]:
     """This rank's micro-batches of a step: the step's items cut into runs of `micro_batch` (consecutive in the
     length-grouped order), dealt round-robin to ranks. Every rank gets the same count; `None` is a zero-weight
-    filler (it still runs forward/backward so the collectives match)."""
+    filler (it still runs forward/backward so the collectives match).
+
+    `budget` > 0: the items are packed instead (data.packed_micro_batches: first-fit decreasing into micro-batches
+    of at most `budget` tokens of `lengths`, balanced over ranks by tokens); the same count and fillers."""
+    if budget > 0:
+        mine = D.packed_micro_batches(items, lengths, budget, world)
+        count = max(len(p) for p in mine)
+        return mine[rank] + [None] * (count - len(mine[rank]))
     chunks = [items[i : i + micro_batch] for i in range(0, len(items), micro_batch)]
     per_rank = math.ceil(len(chunks) / world)
     return [chunks[k * world + rank] if k * world + rank < len(chunks) else None for k in range(per_rank)]
+
+
+def filler_items(items: list[int], cfg: SFTConfig, lengths: list[int]) -> list[int]:
+    """What a zero-weight filler micro-batch runs: a plain micro-batch's worth of the step's items, or with
+    packing the step's shortest item alone (a filler's only job is to take part in the collectives)."""
+    return [min(items, key=lambda i: lengths[i])] if cfg.micro_batch_tokens > 0 else items[: cfg.micro_batch]
+
+
+def computed_tokens(micro_batches: list[list[int]], lengths: list[int], packed: bool) -> int:
+    """Token slots a forward computes over these micro-batches: one row per sequence as long as the longest
+    (padded), or the rows of data.pack_rows (packed)."""
+    slots = D.packed_slots if packed else (lambda ls: len(ls) * max(ls))
+    return sum(slots([lengths[i] for i in mb]) for mb in micro_batches)
 
 
 def token_mean_loss(nll_sums: list[torch.Tensor], global_tokens: int, world: int) -> torch.Tensor:
@@ -174,6 +202,8 @@ def validate(cfg: SFTConfig) -> None:
     for name in ("global_batch", "micro_batch", "max_len", "chunk_size", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             raise C.ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.micro_batch_tokens < 0:
+        raise C.ConfigError(f"--micro_batch_tokens must be >= 0 (0 = off), got {cfg.micro_batch_tokens}")
     if cfg.max_steps < 0 or cfg.epochs <= 0 and cfg.max_steps == 0:
         raise C.ConfigError("set --max_steps > 0 or --epochs > 0")
     C.check_choice("placement", cfg.placement, ("", *D.PLACEMENTS))
@@ -273,10 +303,12 @@ def open_wandb(cfg: SFTConfig, d: C.Dist):
 def eval_loss(wrapped, examples: list[Example], cfg: SFTConfig, d: C.Dist, pad_id: int, image_token_id: int) -> float:
     """Per-token NLL on held-out examples; micro-batches by length, dealt to ranks (same count on every rank)."""
     order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    lengths = [e.length for e in examples]
     wrapped.eval()
     nll = torch.zeros(2, dtype=torch.float64)
-    for chunk in rank_micro_batches(order, cfg.micro_batch, d.world, d.rank):
-        batch = collate([examples[i] for i in (chunk or order[: cfg.micro_batch])], pad_id, image_token_id, d.device)
+    for chunk in rank_micro_batches(order, cfg.micro_batch, d.world, d.rank, lengths, cfg.micro_batch_tokens):
+        batch = collate([examples[i] for i in (chunk or filler_items(order, cfg, lengths))], pad_id, image_token_id,
+                        d.device)
         logp, _ = wrapped(**batch)
         if chunk is not None:
             nll += torch.tensor([-(logp * batch["target_mask"]).sum().item(), batch["target_mask"].sum().item()],
@@ -316,12 +348,15 @@ def train(cfg: SFTConfig) -> str:
     steps_per_epoch = math.ceil(n / cfg.global_batch)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     accum = math.ceil(math.ceil(min(cfg.global_batch, n) / cfg.micro_batch) / d.world)
+    micro = f"{cfg.micro_batch_tokens} tokens (packed)" if cfg.micro_batch_tokens else str(cfg.micro_batch)
     log.info("%d train records (%d with images), %d eval; %d steps (%d per epoch), global batch %d = %d ranks x "
-             "%d micro-batches x %d; mode %s, bf16 %s", n, sum(e.prompt.pixel_values is not None for e in train_ex),
-             len(eval_ex), total, steps_per_epoch, cfg.global_batch, d.world, accum, cfg.micro_batch, mode, bf16)
+             "%s micro-batches x %s; mode %s, bf16 %s", n, sum(e.prompt.pixel_values is not None for e in train_ex),
+             len(eval_ex), total, steps_per_epoch, cfg.global_batch, d.world, "?" if cfg.micro_batch_tokens else accum,
+             micro, mode, bf16)
 
     # Model, optimizer
     policy = M.Policy(model, chunk_size=cfg.chunk_size)
+    policy.pack = cfg.micro_batch_tokens > 0  # each micro-batch run as packed rows (model.Policy.pack)
     M.set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     M.freeze_vision(model, cfg.freeze_vision)
     policy.train()
@@ -356,7 +391,7 @@ def train(cfg: SFTConfig) -> str:
             orders = {epoch: epoch_order(lengths, cfg.seed, epoch, cfg.micro_batch, cfg.group_by_length)}
         items = orders[epoch][index : index + cfg.global_batch]
         t0 = time.time()
-        mine = rank_micro_batches(items, cfg.micro_batch, d.world, d.rank)
+        mine = rank_micro_batches(items, cfg.micro_batch, d.world, d.rank, lengths, cfg.micro_batch_tokens)
         local_tokens = sum(len(train_ex[i].completion) for mb in mine if mb for i in mb)
         global_tokens = int(C.all_reduce_sum(torch.tensor([local_tokens], device=d.device), d).item())
 
@@ -364,7 +399,7 @@ def train(cfg: SFTConfig) -> str:
         # reduce-scatters after each (keeping unsharded gradients across micro-batches would cost their memory).
         nll_local = 0.0
         for k, mb in enumerate(mine):
-            batch = collate([train_ex[i] for i in (mb or items[: cfg.micro_batch])], tok.pad_token_id,
+            batch = collate([train_ex[i] for i in (mb or filler_items(items, cfg, lengths))], tok.pad_token_id,
                             image_token_id, d.device)  # fmt: skip
             sync = mode != "ddp" or k == len(mine) - 1
             with contextlib.nullcontext() if sync else wrapped.no_sync():
@@ -395,8 +430,10 @@ def train(cfg: SFTConfig) -> str:
             epoch, index = epoch + 1, 0
         dt = time.time() - t0
         seq_tokens = sum(lengths[i] for i in items)
-        padded = sum(len(c) * max(lengths[i] for i in c) for c in
-                     (items[j : j + cfg.micro_batch] for j in range(0, len(items), cfg.micro_batch)))  # fmt: skip
+        # every rank's real micro-batches (the plan is the same function on every rank)
+        plan = [mb for r in range(d.world) for mb in rank_micro_batches(items, cfg.micro_batch, d.world, r, lengths,
+                                                                        cfg.micro_batch_tokens) if mb]
+        padded = computed_tokens(plan, lengths, cfg.micro_batch_tokens > 0)
         row = {"step": step, "epoch": round(epoch + index / n, 4), "loss": loss if not skipped else 0.0, "lr": lr,
                "grad_norm": grad_norm if not skipped else 0.0, "tokens": global_tokens, "seq_tokens": seq_tokens,
                "pad_frac": 1.0 - seq_tokens / padded, "tokens_per_s": seq_tokens / max(dt, 1e-9),

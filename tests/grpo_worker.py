@@ -99,6 +99,8 @@ def run_update(args, d: C.Dist) -> None:
         policy, core, processor, prompt, placement, ref = G.setup_policy(cfg, d)
         records = load_case_records(args.synth)
         samples, gen, picks = build_samples(processor.tokenizer)
+        for s in samples:  # as rollout() records it (only a token-budget plan reads it)
+            s.prompt_len = D.prompt_length(records[s.rec], processor, prompt, placement)
         plan = G.plan_updates(samples, cfg, d.world, torch.Generator().set_state(gen.get_state()))
         mine = list(range(len(records)))[d.rank :: d.world]
         encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine}

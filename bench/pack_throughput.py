@@ -1,0 +1,131 @@
+"""Padding-free (packed) against padded training micro-batches on a long-tailed length mix (issue 17).
+
+The update's forward + backward (model.Policy's chunked fp32 log-probs, the token-mean loss) over the same
+sequences, two ways:
+  padded: micro-batches of `--micro_batch` sequences in a random order (what the GRPO update does with its
+          shuffled kept sequences, and SFT without length grouping), right-padded to the longest;
+  packed: data.pack_by_tokens (first-fit decreasing) into micro-batches of at most `budget` tokens, each run
+          packed (model.Policy.pack: a few rows about as wide as the longest sequence, data.pack_rows); budget
+          = the largest whose micro-batches hold no more token slots (rows x width) than the padded path's
+          largest, so both paths hold about the same activations at their peak.
+Sequences: prompts of the synthetic task (half with an image) + completions of log-normal length (median
+`--median` tokens, sigma `--spread`, clipped to [8, --max_completion]): a few long ones among many short ones, as RL completions
+and reasoning traces are. The two paths alternate `--repeats` times; the medians are reported.
+
+    python bench/pack_throughput.py                 # tiny-qwen (151k vocabulary), 48 sequences, 3 repeats
+    python bench/pack_throughput.py --model tiny    # the 768-token vocabulary: the decoder dominates
+Prints per path: micro-batches, padding fraction (padding slots / computed slots), peak token slots of one
+micro-batch, seconds per pass, tokens/s (real prompt + completion tokens per second); then the packed path's
+budget fill; the last line is the tokens/s ratio packed / padded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny-qwen")
+    ap.add_argument("--n", type=int, default=48, help="sequences")
+    ap.add_argument("--micro_batch", type=int, default=8, help="sequences per padded micro-batch")
+    ap.add_argument("--median", type=int, default=64, help="median completion length (tokens)")
+    ap.add_argument("--spread", type=float, default=1.2, help="sigma of the log-normal completion lengths")
+    ap.add_argument("--max_completion", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    import math
+
+    import torch
+
+    import data as D
+    import model as M
+    import synth
+
+    torch.set_num_threads(args.threads)
+    model, processor = M.load_model(args.model, seed=args.seed)
+    policy = M.Policy(model).train()
+    tok = processor.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        synth.write_synth(tmp, synth.SynthConfig(seed=args.seed, n_sft=0, n_sft_test=0, n_mm_train=args.n // 2,
+                                                 n_text_train=args.n - args.n // 2, n_mm_test=0, n_text_test=0))
+        records = [*D.load_records(os.path.join(tmp, "mm_train.jsonl")), *D.load_records(os.path.join(tmp, "text_train.jsonl"))]
+        prompts = [D.encode_prompt(r, processor) for r in records]  # pixels processed here, while the files exist
+    g = torch.Generator().manual_seed(args.seed)
+    n_plain = min(tok.convert_tokens_to_ids(t) for t in M.SPECIAL_TOKENS)  # ids below are ordinary BPE tokens
+    lengths_c = torch.randn(len(prompts), generator=g).mul(args.spread).exp().mul(args.median).clamp(8, args.max_completion).long().tolist()
+    completions = [torch.randint(0, n_plain, (n,), generator=g).tolist() for n in lengths_c]
+    order = torch.randperm(len(prompts), generator=g).tolist()  # the update's shuffled order
+    lengths = [len(p.input_ids) + len(c) for p, c in zip(prompts, completions)]
+    real = sum(lengths)
+
+    def slots(mb: list[int], pack: bool) -> int:  # token slots one micro-batch computes (its rows x width)
+        ls = [lengths[i] for i in mb]
+        return D.packed_slots(ls) if pack else len(ls) * max(ls)
+
+    padded = [order[s : s + args.micro_batch] for s in range(0, len(order), args.micro_batch)]
+    slots_padded = [slots(mb, False) for mb in padded]
+    # the largest budget whose packed micro-batches hold no more token slots than the padded path's largest
+    budget = max(slots_padded)
+    while max(slots(b, True) for b in D.pack_by_tokens(lengths, budget)) > max(slots_padded):
+        budget -= 16
+    packed = D.pack_by_tokens(lengths, budget)
+    slots_packed = [slots(b, True) for b in packed]
+    plans = {"padded": (padded, False, slots_padded), "packed": (packed, True, slots_packed)}
+    targets = sum(len(c) for c in completions)
+
+    def one_pass(micro_batches, pack: bool) -> float:
+        policy.pack = pack
+        t0 = time.perf_counter()
+        for mb in micro_batches:
+            b = D.collate_sequences([prompts[i] for i in mb], [completions[i] for i in mb], tok.pad_token_id,
+                                    model.config.image_token_id)
+            logp, _ = policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"],
+                             b["image_grid_thw"], b["mm_token_type_ids"])
+            (-(logp * b["target_mask"]).sum() / targets).backward()  # the token mean over the whole set
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    print(f"model {args.model}, {len(prompts)} sequences ({sum(p.pixel_values is not None for p in prompts)} with an "
+          f"image), {real} tokens; completions {min(lengths_c)}..{max(lengths_c)} tokens (median "
+          f"{statistics.median(lengths_c):.0f}), sequences {min(lengths)}..{max(lengths)}; {args.threads} threads")
+    one_pass(packed[:1], True)  # warm-up (allocator, first-call costs)
+    one_pass(padded[:1], False)
+    times = {k: [] for k in plans}
+    for _ in range(args.repeats):
+        for name, (mbs, pack, _) in plans.items():
+            times[name].append(one_pass(mbs, pack))
+    result = {}
+    for name, (mbs, _, slots) in plans.items():
+        sec = statistics.median(times[name])
+        result[name] = {"micro_batches": len(mbs), "pad_frac": 1 - real / sum(slots), "peak_slots": max(slots),
+                        "s": sec, "tokens_per_s": real / sec}
+        print(f"{name:>7}: {len(mbs):3d} micro-batches, padding fraction {result[name]['pad_frac']:.3f}, peak "
+              f"{max(slots)} token slots, {sec:.2f} s per pass (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
+              f"{real / sec:.0f} tokens/s")
+    layout = [f"{len(D.pack_rows([lengths[i] for i in b]))}x{D.packed_slots([lengths[i] for i in b]) // len(D.pack_rows([lengths[i] for i in b]))}"
+              f" ({sum(lengths[i] for i in b)} tokens)" for b in packed]
+    print(f"packed rows per micro-batch (rows x width): {', '.join(layout)}")
+    fill = real / (len(packed) * budget)
+    print(f"packed micro-batches: budget {budget} tokens, filled {fill:.3f} on average ({math.ceil(real / budget)} "
+          f"at best, {len(packed)} used)")
+    ratio = result["packed"]["tokens_per_s"] / result["padded"]["tokens_per_s"]
+    print(json.dumps({"model": args.model, "n": len(prompts), "budget": budget, **{f"{k}_{m}": round(v, 4) for k in
+                      result for m, v in result[k].items()}}))
+    print(f"tokens/s packed / padded: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
