@@ -404,7 +404,7 @@ def test_prompt_length_matches_encode_prompt(tiny, tmp_path):
                 D.Record(id="2", problem="Which?", answer="A", choices=["x", "y"])):  # fmt: skip
         for placement in ("system", "user"):
             n = len(D.encode_prompt(rec, p, D.REASONING_PROMPT, placement).input_ids)
-            assert E.prompt_length(rec, p, D.REASONING_PROMPT, placement) == n
+            assert D.prompt_length(rec, p, D.REASONING_PROMPT, placement) == n
 
 
 def test_blank_images_keep_sizes(tiny, tmp_path):
