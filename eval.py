@@ -70,6 +70,7 @@ import engine as E
 import model as M
 import reward
 import sampling as S
+import sharding as SH
 from common import ConfigError, Dist, all_gather_objects, broadcast_object, init_distributed, main_guard
 from scoring import complete_meta, grade_row, summarize
 
@@ -170,7 +171,7 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc=bench or "eval", unit="item", dynamic_ncols=True)
-    with M.gathered_for_generation(model) as hf:
+    with SH.gathered_for_generation(model) as hf:
         for first in range(0, len(batches), d.world):
             b = first + d.rank
             local = []
@@ -345,7 +346,7 @@ def main(cfg: EvalConfig) -> dict | None:
     # Every rank generates with a whole copy; a checkpoint is read by rank 0 alone and broadcast into the
     # other ranks' copies on their devices (one host copy per node, not one per rank).
     from_rank0 = d.on and os.path.isdir(cfg.model)
-    model = M.place_replica(M.load_weights(cfg.model, dtype, seed=0, on_meta=from_rank0 and not d.main), d.device,
+    model = SH.place_replica(M.load_weights(cfg.model, dtype, seed=0, on_meta=from_rank0 and not d.main), d.device,
                             from_rank0)
     processor = M.load_processor(cfg.model)
     M.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)

@@ -50,6 +50,7 @@ import engine as E
 import model as M
 import reward as R
 import sampling as S
+import sharding as SH
 
 
 @dataclass
@@ -407,9 +408,9 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
         # Token-budget micro-batches run as packed rows (model.Policy.pack), which replace the shared prefix.
         policy.pack = cfg.micro_batch_tokens > 0
         if fsdp:
-            M.shard(policy, param_dtype=torch.bfloat16 if use_bf16 else None, from_rank0=from_rank0)
+            SH.shard(policy, param_dtype=torch.bfloat16 if use_bf16 else None, from_rank0=from_rank0)
         else:
-            M.place_replica(policy, d.device, from_rank0)
+            SH.place_replica(policy, d.device, from_rank0)
             # bf16 without FSDP's mixed precision (one process, or DDP): autocast; weights stay fp32.
             policy.autocast_bf16 = use_bf16
             policy.always_run_vision = d.on  # DDP: every rank uses the same parameters in every step
@@ -521,7 +522,7 @@ def train(cfg: GRPOConfig) -> str:
         recs = sampler.take(cfg.rollout_batch)
         mine = recs[d.rank :: d.world]
         encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine}
-        with M.gathered_for_generation(core) as gen_model:
+        with SH.gathered_for_generation(core) as gen_model:
             local = rollout(gen_model, processor, [encoded[r] for r in mine], mine, cfg, seed=rollout_seed(cfg.seed, step, d.rank))
         # 2. rewards, graded where they were sampled
         parts = R.score_completions([s.text for s in local], [records[s.rec].answer for s in local],
@@ -574,7 +575,7 @@ def train(cfg: GRPOConfig) -> str:
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
             C.save_checkpoint(cfg.out_dir, step, policy, opt, {"sampler": sampler.state(), "bad": bad}, d)
     final = os.path.join(cfg.out_dir, "final")
-    state_dict = M.full_state_dict(core)
+    state_dict = SH.full_state_dict(core)
     if d.main:
         M.save_model(hf, processor, final, {"prompt": prompt, "placement": placement, "stage": cfg.stage,
                                             "config": asdict(cfg)}, state_dict=state_dict)  # fmt: skip

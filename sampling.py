@@ -9,7 +9,7 @@
   does not implement is handed to HF `generate` unchanged.
 - `split_completion`: generated ids -> the completion up to its end-of-turn token, and whether it was truncated.
 
-On a sharded model, call these inside `model.gathered_for_generation(policy)` (no collective per token).
+On a sharded model, call these inside `sharding.gathered_for_generation(policy)` (no collective per token).
 """
 
 from __future__ import annotations

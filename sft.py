@@ -45,7 +45,7 @@ Where this departs from the paper, or fills in what it leaves open
   (HF Trainer) code leaves such gradients at None, which skips the tower's AdamW step; here a step with no
   image still moves the tower on its AdamW momentum (and decays it when weight_decay > 0).
 
-Distributed: `torchrun --nproc_per_node N sft.py ...` with FSDP2 (`model.shard`) or DDP; every rank runs the
+Distributed: `torchrun --nproc_per_node N sft.py ...` with FSDP2 (`sharding.shard`) or DDP; every rank runs the
 same number of micro-batches (zero-weight ones where the global batch does not split evenly), and a rank
 whose micro-batch has no image still runs the vision tower (on a dummy image, output x 0), so collectives
 always match. Checkpoints (`out_dir/ckpt/step_NNNNNN`, common.save_checkpoint) hold the sharded model and
@@ -74,6 +74,7 @@ import torch.distributed as dist
 import common as C
 import data as D
 import model as M
+import sharding as SH
 
 log = logging.getLogger("sft")
 
@@ -252,15 +253,15 @@ def choose_mode(cfg: SFTConfig, d: C.Dist) -> tuple[str, bool]:
 
 def wrap(policy: M.Policy, mode: str, bf16: bool, d: C.Dist, from_rank0: bool = False) -> torch.nn.Module:
     """Shard (fsdp), replicate (ddp) or place (one process) the policy; `from_rank0`: only rank 0 read the
-    checkpoint, the other ranks built on the meta device and receive its weights (model.shard/place_replica)."""
+    checkpoint, the other ranks built on the meta device and receive its weights (sharding.shard / place_replica)."""
     # A micro-batch without an image runs the tower on a dummy image (output x 0), in every mode: FSDP2's
     # all-gathers then match across ranks, DDP needs no find_unused_parameters, and the tower always gets a
     # (zero) gradient, so AdamW treats it the same whatever the world size (a None gradient would skip its
     # moment update on one process but not on two). With weight_decay > 0 this also decays an unused tower.
     policy.always_run_vision = True
     if mode == "fsdp":
-        return M.shard(policy, param_dtype=torch.bfloat16 if bf16 else None, from_rank0=from_rank0)
-    M.place_replica(policy, d.device, from_rank0)
+        return SH.shard(policy, param_dtype=torch.bfloat16 if bf16 else None, from_rank0=from_rank0)
+    SH.place_replica(policy, d.device, from_rank0)
     if mode == "ddp":
         return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if d.device.type == "cuda"
                                                          else None)  # fmt: skip
@@ -337,7 +338,7 @@ def train(cfg: SFTConfig) -> str:
     load = dict(require_solution=True, skip_bad=cfg.skip_bad, image_dir=cfg.image_dir)
     train_rec = D.load_records(cfg.data, **load)  # bad input fails fast
     eval_rec = D.load_records(cfg.eval_data, **load) if cfg.eval_data else []
-    from_rank0 = d.on and os.path.isdir(cfg.model)  # a checkpoint: read by rank 0 only (model.shard)
+    from_rank0 = d.on and os.path.isdir(cfg.model)  # a checkpoint: read by rank 0 only (sharding.shard)
     model, processor = M.load_model(cfg.model, seed=cfg.seed, on_meta=from_rank0 and not d.main)
     tok, image_token_id = processor.tokenizer, model.config.image_token_id
     M.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
@@ -467,7 +468,7 @@ def train(cfg: SFTConfig) -> str:
 
     # Final model: gathered on every rank, written by rank 0.
     final = os.path.join(cfg.out_dir, "final")
-    state_dict = M.full_state_dict(policy)
+    state_dict = SH.full_state_dict(policy)
     if d.main:
         meta = {"prompt": cfg.prompt, "placement": cfg.placement, "stage": "sft", "base_model": cfg.model,
                 "steps": step}  # fmt: skip

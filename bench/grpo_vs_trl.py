@@ -86,6 +86,7 @@ def ours_worker(a) -> None:
     import data as D
     import grpo_mm as G
     import model as M
+    import sharding as SH
 
     torch.set_num_threads(a.threads)
     records, prompt, placement = load_prompts(a.data, a.prompts)
@@ -109,7 +110,7 @@ def ours_worker(a) -> None:
         t0 = time.perf_counter()
         recs = list(range(len(records)))
         encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in recs}
-        with M.gathered_for_generation(core) as gen_model:
+        with SH.gathered_for_generation(core) as gen_model:
             samples = G.rollout(gen_model, processor, [encoded[r] for r in recs], recs, cfg,
                               seed=G.rollout_seed(cfg.seed, step, d.rank))  # fmt: skip
         t1 = time.perf_counter()

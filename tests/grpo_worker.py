@@ -4,9 +4,9 @@
       For each case in CASES: build the tiny model the way grpo_mm.train does (setup_policy: FSDP2 shard or
       DDP when distributed), build fixed rollouts (`build_samples`: Samples with completion ids, group
       advantages and PAD picks from a fixed generator), run grpo_mm.update once, then write
-      OUT/CASE.pt (model.full_state_dict, rank 0) and OUT/CASE.json (the update's stats and the plan).
+      OUT/CASE.pt (sharding.full_state_dict, rank 0) and OUT/CASE.json (the update's stats and the plan).
   python tests/grpo_worker.py generate --synth DIR --out DIR
-      Count torch.distributed collectives while entering model.gathered_for_generation, during
+      Count torch.distributed collectives while entering sharding.gathered_for_generation, during
       grpo_mm.rollout inside it, and while leaving it, on the FSDP2-sharded model; rank r writes
       OUT/generate_rank{r}.json.
 
@@ -32,6 +32,7 @@ import data as D  # noqa: E402
 import grpo_mm as G  # noqa: E402
 import model as M  # noqa: E402
 import sampling as S  # noqa: E402
+import sharding as SH  # noqa: E402
 
 N = 4  # completions per prompt
 MM_LEN, TEXT_LENS = 40, (6, 7, 8, 9)  # completion lengths (with the closing <|im_end|>) of the groups' samples
@@ -107,12 +108,12 @@ def run_update(args, d: C.Dist) -> None:
         params = [p for p in policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         if name == next(iter(CASES)):
-            initial = M.full_state_dict(core)
+            initial = SH.full_state_dict(core)
             if d.main:
                 torch.save(initial, os.path.join(args.out, "initial.pt"))
         stats = G.update(policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d, beta, gen,
                          params, opt)  # fmt: skip
-        state = M.full_state_dict(core)
+        state = SH.full_state_dict(core)
         if d.main:
             torch.save(state, os.path.join(args.out, f"{name}.pt"))
             with open(os.path.join(args.out, f"{name}.json"), "w") as f:
@@ -194,7 +195,7 @@ def run_generate(args, d: C.Dist) -> None:
     any collective inside generate would either be counted or hang)."""
     cfg = G.GRPOConfig(model="tiny", seed=0, group_size=N, rollout_batch=2, max_new_tokens=12, rollout_micro_batch=1)
     policy, core, processor, prompt, placement, _ = G.setup_policy(cfg, d)
-    assert M._fsdp_modules(core), "the policy is not sharded"
+    assert SH._fsdp_modules(core), "the policy is not sharded"
     records = load_case_records(args.synth)
     mine = [d.rank % len(records)]
     encoded = [D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine]
@@ -206,7 +207,7 @@ def run_generate(args, d: C.Dist) -> None:
         with torch.no_grad():
             G.forward_logprobs(policy, b, cfg.temperature)
         cc.phase = "enter"
-        ctx = M.gathered_for_generation(core)
+        ctx = SH.gathered_for_generation(core)
         gen_model = ctx.__enter__()
         cc.phase = "generate"
         samples = G.rollout(gen_model, processor, encoded, mine, cfg, seed=seed)
@@ -226,7 +227,7 @@ def run_generate(args, d: C.Dist) -> None:
         cc.phase = "none"
     # The same rollout on an unsharded copy of the model (same seed) must sample the same completions.
     plain, _ = M.load_model("tiny", seed=cfg.seed)
-    with M.gathered_for_generation(M.Policy(plain)) as m:
+    with SH.gathered_for_generation(M.Policy(plain)) as m:
         reference = G.rollout(m, processor, encoded, mine, cfg, seed=seed)
     out = {"rank": d.rank, "python": dict(cc.python), "dispatch": dict(cc.dispatch),
            "names": {k: dict(v) for k, v in cc.names.items()},

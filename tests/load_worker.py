@@ -1,5 +1,5 @@
 """Run under torchrun by tests/test_load.py: load a saved checkpoint into FSDP2 shards the way the stages do
-(`model.load_model(on_meta=rank != 0)` + `model.shard(from_rank0=True)`), or the old way (`--mode every_rank`:
+(`model.load_model(on_meta=rank != 0)` + `sharding.shard(from_rank0=True)`), or the old way (`--mode every_rank`:
 each rank reads the whole checkpoint, then shards), and report each rank's host-memory peak and whether its
 parameters equal the checkpoint.
 
@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+import sharding as SH  # noqa: E402
 
 
 def status_kb(field: str) -> int:
@@ -30,7 +31,7 @@ def main() -> None:
     base = status_kb("VmRSS")
     hf = M.load_weights(ckpt, on_meta=mode == "rank0" and rank != 0)
     policy = M.Policy(hf)
-    M.shard(policy, from_rank0=mode == "rank0")
+    SH.shard(policy, from_rank0=mode == "rank0")
     peak = status_kb("VmHWM")
     dist.barrier()
     local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]

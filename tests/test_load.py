@@ -1,5 +1,5 @@
 """Loading a checkpoint for a sharded run: rank 0 reads it, the other ranks build on the meta device and receive
-the weights into their FSDP2 shards (model.load_model(on_meta=...) + model.shard(from_rank0=True)).
+the weights into their FSDP2 shards (model.load_model(on_meta=...) + sharding.shard(from_rank0=True)).
 
 The checkpoint is mid-size (about 300 MB: the real Qwen2 vocabulary and 24 wider decoder layers, random
 weights), so the host-memory peaks are well above the interpreter's noise. Rank 1's peak resident memory above
