@@ -541,8 +541,12 @@ class Policy(nn.Module):
         mm_p = (ids_p == cfg.image_token_id).int()
         pos_p = position_ids_for(self.model, ids_p, mask_p, grid, mm_p)
         next_pos = pos_p.masked_fill(mask_p[None] == 0, -1).amax(dim=(0, 2)) + 1
-        out = self._decode(ids_p, pv, grid, attention_mask=mask_p, position_ids=pos_p, mm_token_type_ids=mm_p,
-                           use_cache=True)
+        unique = dedupe_images(pv, grid) if pv is not None and self.dedupe_images else None
+        common = dict(attention_mask=mask_p, position_ids=pos_p, mm_token_type_ids=mm_p, use_cache=True)
+        if unique is None:
+            out = self.model.model(input_ids=ids_p, pixel_values=pv, image_grid_thw=grid, **common)
+        else:
+            out = self.model.model(inputs_embeds=self.embeds_with_images(ids_p, *unique), **common)
         cache = output_cache(out)
         idx = torch.tensor(group_of, device=dev)
         h_first = out.last_hidden_state[:, -1][idx]  # (B, H): predicts each row's first completion token
@@ -589,19 +593,15 @@ class Policy(nn.Module):
             order = [b for row in rows for b in row]
             pv = torch.cat([blocks[b] for b in order])
             grid = image_grid_thw[[i for b in order for i in range(first[b], first[b] + per_seq[b])]]
-        out = self._decode(ids, pv, grid, attention_mask=None, position_ids=pos, mm_token_type_ids=mm, use_cache=False)
+        unique = dedupe_images(pv, grid) if pv is not None and self.dedupe_images else None
+        common = dict(attention_mask=None, position_ids=pos, mm_token_type_ids=mm, use_cache=False)
+        if unique is None:
+            out = self.model.model(input_ids=ids, pixel_values=pv, image_grid_thw=grid, **common)
+        else:
+            out = self.model.model(inputs_embeds=self.embeds_with_images(ids, *unique), **common)
         hidden = out.last_hidden_state.flatten(0, 1)  # (R * W, H)
         # Token (b, t) is predicted by the hidden state of token (b, t - 1), wherever that landed in the rows.
         return hidden[where[:, :-1][sel[:, 1:]]]
-
-    def _decode(self, input_ids, pixel_values, image_grid_thw, **kwargs):
-        """The decoder (`self.model.model`) on `input_ids` and their images. With `dedupe_images`, a batch's
-        repeated images (a group's n sequences share their prompt's) go through the tower once each."""
-        unique = dedupe_images(pixel_values, image_grid_thw) if pixel_values is not None and self.dedupe_images else None
-        if unique is None:
-            return self.model.model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                    **kwargs)
-        return self.model.model(inputs_embeds=self.embeds_with_images(input_ids, *unique), **kwargs)
 
     def embeds_with_images(self, input_ids, pixel_values, image_grid_thw, inverse) -> torch.Tensor:
         """Token embeddings with every image's features in its <|image_pad|> slots; the tower runs on the distinct
@@ -636,9 +636,16 @@ class Policy(nn.Module):
         else:
             position_ids = position_ids_for(self.model, input_ids, attention_mask,
                                             image_grid_thw if has_images else None, mm_token_type_ids)  # fmt: skip
-            out = self._decode(input_ids, pixel_values if has_images else None,
-                               image_grid_thw if has_images else None, attention_mask=attention_mask,
-                               position_ids=position_ids, mm_token_type_ids=mm_token_type_ids, use_cache=False)
+            unique = dedupe_images(pixel_values, image_grid_thw) if has_images and self.dedupe_images else None
+            if unique is None:
+                out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       pixel_values=pixel_values if has_images else None,
+                                       image_grid_thw=image_grid_thw if has_images else None,
+                                       mm_token_type_ids=mm_token_type_ids, use_cache=False)  # fmt: skip
+            else:  # a group's n sequences share their image: the tower runs once per distinct image
+                out = self.model.model(inputs_embeds=self.embeds_with_images(input_ids, *unique),
+                                       attention_mask=attention_mask, position_ids=position_ids,
+                                       mm_token_type_ids=mm_token_type_ids, use_cache=False)  # fmt: skip
             hidden = out.last_hidden_state  # (B, T, H), after the final norm
             h_sel = hidden[torch.roll(sel, shifts=-1, dims=1)]  # src[b, t-1] = sel[b, t]
         logp_sel, ent_sel = token_logprobs(h_sel, self.model.lm_head.weight, input_ids[sel], temperature,
