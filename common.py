@@ -216,6 +216,42 @@ def resolve_bf16(value: str | bool, d: Dist) -> bool:
     return d.device.type == "cuda" if text == "auto" else text == "true"
 
 
+class PhaseMemory:
+    """Peak memory of each phase of a run, in MB, for the logs and for memory.py's check.
+
+    GPU: torch.cuda.max_memory_allocated (tensors only), reset at each phase's start. CPU: the process's peak
+    resident set (VmHWM in /proc/self/status, reset by writing 5 to /proc/self/clear_refs) above its resident
+    set when this object was made, before the model was loaded. On CPU it is only as good as the allocator's
+    willingness to return freed memory (run with MALLOC_MMAP_THRESHOLD_=65536 to make every large tensor its
+    own mapping, as tests/test_memory.py does); where /proc is missing, the CPU numbers are 0."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.base = 0 if self.cuda else self._status_kb("VmRSS")
+
+    @staticmethod
+    def _status_kb(key: str) -> int:
+        try:
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+        except (OSError, StopIteration, ValueError):
+            return 0
+
+    def reset(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return round(max(0, self._status_kb("VmHWM") - self.base) / 1024, 1)
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")

@@ -488,6 +488,7 @@ def train(cfg: GRPOConfig) -> str:
     validate_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     d = C.init_distributed(timeout_min=cfg.dist_timeout_min)
     C.seed_everything(cfg.seed * 1000 + d.rank)
+    memory = C.PhaseMemory(d.device)  # each phase's peak, logged (memory.py models them)
     os.makedirs(cfg.out_dir, exist_ok=True)
     records = D.load_records(cfg.data, image_dir=cfg.image_dir, check_images=False)  # checked by rank 0 below
     policy, core, processor, prompt, placement, ref = setup_policy(cfg, d)
@@ -522,6 +523,7 @@ def train(cfg: GRPOConfig) -> str:
         recs = sampler.take(cfg.rollout_batch)
         mine = recs[d.rank :: d.world]
         encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine}
+        memory.reset()
         with SH.gathered_for_generation(core) as gen_model:
             local = rollout(gen_model, processor, [encoded[r] for r in mine], mine, cfg, seed=rollout_seed(cfg.seed, step, d.rank))
         # 2. rewards, graded where they were sampled
@@ -539,13 +541,14 @@ def train(cfg: GRPOConfig) -> str:
         drawn, size_e, _ = pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, tau, cfg.pad_rho, gen, eligible)
         for s, a, k in zip(samples, adv.tolist(), drawn.tolist()):
             s.advantage, s.times_drawn = a, k
-        rollout_s = time.time() - t0
+        rollout_s, mem_rollout = time.time() - t0, memory.peak_mb()
         # 5-6. updates on the kept sequences only
+        memory.reset()
         t1 = time.time()
         beta = entropy_beta(t, cfg.entropy_beta0, cfg.entropy_beta_min, cfg.entropy_decay, cfg.entropy_warmup)
         stats = update(policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d, beta, gen, params, opt,
                        bad)
-        train_s = time.time() - t1
+        train_s, mem_update = time.time() - t1, memory.peak_mb()
         # 7. logs
         acc_groups = torch.tensor([s.acc for s in samples]).view(-1, cfg.group_size)
         row = {"step": step, "updates": stats["updates"], "skipped_updates": stats["skipped_updates"],
@@ -560,9 +563,12 @@ def train(cfg: GRPOConfig) -> str:
                "pad_effective": size_e, "pad_kept": int((drawn > 0).sum()), "pad_tau": tau,
                "kept_token_frac": _kept_token_frac(samples),
                "kl": stats["kl"], "entropy": stats["entropy"], "entropy_beta": beta, "clip_frac": stats["clip_frac"],
-               "grad_norm": stats["grad_norm"], "rollout_s": round(rollout_s, 3), "train_s": round(train_s, 3)}  # fmt: skip
+               "grad_norm": stats["grad_norm"], "rollout_s": round(rollout_s, 3), "train_s": round(train_s, 3),
+               "mem_rollout_mb": mem_rollout, "mem_update_mb": mem_update}  # fmt: skip
         if eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+            memory.reset()
             row.update(validate(core, processor, eval_records, prompt, placement, cfg, d))
+            row["mem_validation_mb"] = memory.peak_mb()
         metrics.write(row)
         rollouts_log.write([{"step": step, "prompt_id": records[s.rec].id, "completion": s.text,
                              "num_tokens": len(s.completion), "truncated": s.truncated, "reward": s.reward,

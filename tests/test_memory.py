@@ -1,0 +1,202 @@
+"""memory.py against measurement: `python grpo_mm.py` on a mid-size checkpoint logs each phase's measured peak
+(metrics.jsonl `mem_rollout_mb`, `mem_update_mb`: peak resident memory above the process's memory before the
+model was loaded), and memory.py's prediction for the same config must be within 25% of it, with gradient
+checkpointing on and off.
+
+The checkpoint: a Qwen2.5-VL with 8 wider decoder layers (hidden 512, MLP 1536, GQA 8/2 heads) and a 32k
+vocabulary (lm_head 16.8M parameters), random weights: about 60M parameters, so weights, gradients and AdamW
+(0.9 GB), the activations of a micro-batch (0.4 GB without checkpointing) and the log-prob blocks (0.5 GB) are
+each far above the interpreter's noise. Completions are forced to a fixed length (min_new_tokens), and
+max_prompt_len is the data's longest prompt, so the config's worst case is what the run does.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 192
+
+
+@pytest.fixture(scope="module")
+def mid_run_inputs(tmp_path_factory) -> tuple[str, str, int]:
+    """(checkpoint dir, RL data file, longest prompt in tokens)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    import data as D
+    import synth
+
+    tok = M.build_tokenizer("tiny")
+    base = M.tiny_config(tok)
+    text = dict(
+        M.TINY_TEXT,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=32768,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+        bos_token_id=base.text_config.bos_token_id,
+        eos_token_id=base.text_config.eos_token_id,
+        pad_token_id=base.text_config.pad_token_id,
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(M.TINY_VISION, out_hidden_size=512),
+        image_token_id=base.image_token_id,
+        video_token_id=base.video_token_id,
+        vision_start_token_id=base.vision_start_token_id,
+        vision_end_token_id=base.vision_end_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            cfg, attn_implementation="sdpa", dtype=torch.float32
+        )
+    root = tmp_path_factory.mktemp("mem")
+    ckpt = str(root / "ckpt")
+    processor = M.build_processor(tok, M.build_image_processor(M.TINY_MIN_PIXELS, M.TINY_MAX_PIXELS))
+    M.save_model(model, processor, ckpt)
+    synth.write_synth(
+        str(root),
+        synth.SynthConfig(
+            seed=0, n_sft=0, n_sft_test=0, n_mm_train=8, n_text_train=0, n_mm_test=0, n_text_test=0
+        ),
+    )
+    data = str(root / "mm_train.jsonl")
+    prompt, placement = M.recorded_prompt(ckpt)
+    longest = max(D.prompt_length(r, processor, prompt, placement) for r in D.load_records(data))
+    return ckpt, data, longest
+
+
+def measured_and_predicted(inputs, tmp_path, ckpt_on: bool) -> tuple[dict, dict]:
+    import memory
+
+    ckpt, data, longest = inputs
+    flags = {
+        "model": ckpt,
+        "data": data,
+        "out_dir": str(tmp_path / "run"),
+        "max_steps": 2,
+        "rollout_batch": 2,
+        "group_size": 4,
+        "rollout_micro_batch": 2,
+        "max_new_tokens": NEW_TOKENS,
+        "min_new_tokens": NEW_TOKENS,
+        "max_prompt_len": longest,
+        "mini_batch": 8,
+        "micro_batch": 4,
+        "pad_mode": "off",
+        "save_every": 0,
+        "gradient_checkpointing": ckpt_on,
+        "max_pixels": 112 * 112,
+    }
+    # max_pixels: the synthetic images' largest (the config's worst case is then the run's)
+    cmd = [sys.executable, "grpo_mm.py", *[f"--{k}={v}" for k, v in flags.items()]]
+    # Every tensor over 64 kB its own mapping, returned to the system when freed: resident memory then follows
+    # the live tensors (glibc's default keeps freed heap memory, and its threshold adapts upwards).
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    last = rows[-1]  # step 2: AdamW's moments exist, as in every step after the first
+    run = memory.run_from_config(flags, world=1, device="cpu")
+    arch = memory.arch_for(ckpt)
+    predicted = {k: sum(v.values()) / 2**20 for k, v in memory.phases(arch, run).items()}
+    print(memory.report(arch, run, f"gradient checkpointing {ckpt_on}"))
+    return {"rollout": last["mem_rollout_mb"], "update": last["mem_update_mb"]}, {
+        "rollout": predicted["rollout"],
+        "update": max(predicted["update (forward + backward)"], predicted["optimizer step"]),
+    }
+
+
+@pytest.mark.parametrize("ckpt_on", [True, False], ids=["checkpointing", "no-checkpointing"])
+def test_memory_model_within_25_percent_of_a_measured_grpo_run(mid_run_inputs, tmp_path, ckpt_on):
+    measured, predicted = measured_and_predicted(mid_run_inputs, tmp_path, ckpt_on)
+    for phase in ("rollout", "update"):
+        ratio = predicted[phase] / measured[phase]
+        print(
+            f"{phase}: measured {measured[phase]:.0f} MB, predicted {predicted[phase]:.0f} MB (x{ratio:.2f})"
+        )
+        assert 0.75 <= ratio <= 1.25, (phase, measured, predicted)
+
+
+def test_run_from_config_reads_the_worst_case_and_packing():
+    """The config -> Run mapping, by hand: micro-batch rows x (prompt + completion), slots = rollout_micro_batch x
+    group_size, prefill = the prompts of one admission; packing: one budget-wide row."""
+    import memory
+
+    cfg = {
+        "max_prompt_len": 8192,
+        "max_new_tokens": 8192,
+        "micro_batch": 4,
+        "rollout_micro_batch": 2,
+        "group_size": 8,
+        "bf16": True,
+        "gradient_checkpointing": True,
+        "max_pixels": 4194304,
+    }
+    run = memory.run_from_config(cfg, world=8)
+    assert (run.rows, run.width, run.targets, run.precision, run.fsdp) == (4, 16384, 4 * 8192, "bf16", True)
+    assert (run.slots, run.kv_len, run.prefill_rows, run.patches) == (16, 16384, 2, 4 * (4194304 // 196))
+    packed = memory.run_from_config(dict(cfg, micro_batch_tokens=20000), world=8)
+    assert (packed.rows, packed.width, packed.padded) == (1, 20000, True)
+    assert memory.run_from_config(dict(cfg, bf16=False), world=1).precision == "fp32"
+    assert memory.run_from_config(cfg, world=1).precision == "autocast"
+
+
+def test_layer_activations_match_autograd_saved_tensors():
+    """The per-token formula against the bytes autograd actually saves for one decoder layer (fp32, no mask)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    import memory
+
+    h, i, kv = 256, 768, 128
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=h,
+            intermediate_size=i,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=512,
+            pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 12, 12]},
+        ),
+        vision_config=dict(M.TINY_VISION, out_hidden_size=h),
+        image_token_id=511,
+        video_token_id=510,
+        vision_start_token_id=509,
+        vision_end_token_id=508,
+    )
+    model = Qwen2_5_VLForConditionalGeneration._from_config(
+        cfg, attn_implementation="sdpa", dtype=torch.float32
+    )
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    layer, inside, seen = model.model.language_model.layers[1], [False], {}
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+
+    def pack(t):  # storages first saved inside layer 1, not parameters (the rotary cos/sin come from outside)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in seen:
+            seen[ptr] = t.untyped_storage().nbytes() if inside[0] else 0
+        return t
+
+    tokens = 2 * 200
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(input_ids=torch.randint(0, 500, (2, 200)), use_cache=False)
+    measured = sum(seen.values()) / tokens
+    predicted = memory.layer_activations(h, i, kv, "fp32", padded=False, width=200)
+    assert abs(measured - predicted) / predicted < 0.02, (measured, predicted)
