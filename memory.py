@@ -66,6 +66,7 @@ class Arch:
 
         with torch.device("meta"):
             m = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.float32)
+        m.tie_weights()  # `_from_config` leaves a tied lm_head (3B) untied; loading a checkpoint ties it
         tc, vc = config.text_config, config.vision_config
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         count = lambda mod: sum(p.numel() for p in mod.parameters())  # noqa: E731
@@ -214,23 +215,36 @@ def step_phase(a: Arch, run: Run) -> dict[str, float]:
 
 
 def generation_phase(a: Arch, run: Run, slots: int, prefill_rows: int, prefill_len: int) -> dict[str, float]:
-    """engine.generate with `slots` decode slots: the resident training state (gradients freed after the step),
-    the weights it generates with, the slot KV cache, and the first admission's prefill (its prompts' own KV
-    cache, one layer's activations without grad, the masks)."""
+    """engine.generate with `slots` decode slots, inside a training run: the resident training state (gradients
+    freed after the step), the weights it generates with (FSDP2: every unit gathered in bf16), and `engine_parts`."""
     g = (
         2 if run.fsdp and run.precision == "bf16" else 4
     )  # bytes of the weights it runs: gathered bf16, or fp32
     out = resident(a, run, gradients=False)
     if run.fsdp:
         out["gathered weights for generation"] = g * a.params
-    out["KV cache (slots x (prompt + new tokens))"] = a.layers * 2 * slots * run.kv_len * a.kv_dim * g
+    return out | engine_parts(a, slots, run.kv_len, prefill_rows, prefill_len, run.prefill_patches, g)
+
+
+def engine_parts(
+    a: Arch,
+    slots: int,
+    kv_len: int,
+    prefill_rows: int,
+    prefill_len: int,
+    patches: int,
+    g: int,
+) -> dict[str, float]:
+    """engine.generate's own memory with weights of `g` bytes: the slot KV cache (allocated once), and the first
+    admission's prefill: its prompts' own KV cache, one layer's activations without grad, the masks."""
+    out = {"KV cache (slots x (prompt + new tokens))": a.layers * 2 * slots * kv_len * a.kv_dim * g}
     tokens = prefill_rows * prefill_len
     out["prefill: its prompts' KV cache"] = a.layers * 2 * tokens * a.kv_dim * g
     # one layer at a time without grad: q, repeated k and v, attention output, gate, up, silu(gate) * up, the
     # normalised input; plus sdpa's float copy of the mask and transformers' boolean one
     masks = prefill_rows * prefill_len**2 * (g + 1)
     out["prefill: one layer's activations, masks"] = tokens * g * (5 * a.hidden + 3 * a.mlp) + masks
-    out["prefill: vision tower (one block)"] = run.prefill_patches * g * (6 * a.vis_hidden + 3 * a.vis_mlp)
+    out["prefill: vision tower (one block)"] = patches * g * (6 * a.vis_hidden + 3 * a.vis_mlp)
     out["decode: fp32 logits"] = slots * a.vocab * (4 + g)
     return out
 

@@ -4,8 +4,9 @@
 # each under its own time guard; every result is appended to OUT_DIR/results.jsonl (and summary.txt) as soon as
 # it exists, so a measurement that runs out of time costs only itself.
 #
-#   bash bench/gpu.sh OUT_DIR              # GPU: env, copy bandwidth, decode (3B, 7B), engine (7B), 3B train step,
-#                                          # compiled decode
+#   bash bench/gpu.sh OUT_DIR              # GPU: env, copy bandwidth, realistic rollout (7B), GRPO update memory
+#                                          # (3B), load path (3B), decode (3B, 7B), engine (7B), 3B train step,
+#                                          # compiled decode (in that order: what a real run needs first)
 #   bash bench/gpu.sh --dry-run OUT_DIR    # CPU at the tiny model's shapes (tests/test_bench.py runs this)
 # Environment: PYTHON (default python3), GPU_BENCH_BUDGET_S (default 285: the whole run's wall-clock budget).
 set -uo pipefail
@@ -47,6 +48,9 @@ echo "== env"
   exit 3
 }
 run bw 30
+run rollout 90 # engine.py at 7B: 16 prompts of 4k / 3k tokens (left-padded), 1k new tokens; peak vs memory.py
+run update 90  # the GRPO update at 3B on one GPU: peak memory of forward/backward and step vs memory.py
+run load 100   # a 3B checkpoint written, then read (fp32 on the host) and moved to the GPU, timed
 run decode 110
 run engine 90 # engine.py at 7B shapes: long-tailed lengths, 32 prompts x 8 through 64 slots
 run train 100

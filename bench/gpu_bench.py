@@ -22,6 +22,19 @@ tokenizer is needed; prompts are random token ids.
            checkpointing, fp32 master weights with bf16 autocast (the project's single-GPU path), AdamW:
            step time, peak memory, tokens/s and model FLOP utilisation (6 N per token + attention, no recompute)
 
+  rollout  a realistic rollout call at 7B shapes (bf16) through engine.py: 16 prompts, half of `--rollout_prompt`
+           tokens and half of 3/4 of that (so the prefill runs the left-padded, masked attention path), 1,024 new
+           tokens each (forced), 16 slots: tokens/s, the KV cache's growth to its full length, peak memory against
+           memory.py's prediction (bf16 weights + engine_parts)
+  update   the GRPO update on one GPU at 3B shapes, the project's single-GPU path (fp32 master weights, bf16
+           autocast, gradient checkpointing, AdamW): 2 micro-batches of `--update_rows` right-padded sequences of
+           different lengths up to `--seq_len` (the second half of each trained on), PPO loss + entropy, then the
+           step; torch.cuda.max_memory_allocated of the forward/backward and of the optimizer step against
+           memory.py's training_phase / step_phase for the same shapes
+  load     the load path, one process: a random bf16 3B checkpoint written with save_pretrained, then
+           model.load_weights (fp32 on the host) and the move to the GPU, timed; the host's peak resident memory
+           during the load against memory.py's host_at_load (rank 0)
+
 `--dry_run` runs every measurement on CPU at the tiny model's shapes (tests/test_bench.py).
 """
 
@@ -378,10 +391,159 @@ def train(a, rec: Recorder) -> None:
         precision="fp32 master + bf16 autocast", gradient_checkpointing=True, optimizer="AdamW fp32")  # fmt: skip
 
 
+def _predicted(parts: dict) -> float:
+    return float(sum(parts.values()))
+
+
+def rollout(a, rec: Recorder) -> None:
+    """Realistic rollout: left-padded prompts of two lengths, forced 1,024-token completions."""
+    import torch
+
+    import engine as E
+    import memory
+
+    device, dtype = device_and_dtype(a)
+    size = "tiny" if a.dry_run else "7b"
+    prompts, long_len, new = (4, 32, 16) if a.dry_run else (16, a.rollout_prompt, 1024)
+    model, cfg, info = build(size, device, dtype)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, 1000 if size == "tiny" else 150000, (prompts, long_len), generator=g)
+    mask = torch.ones_like(ids)
+    mask[prompts // 2 :, : long_len // 4] = 0  # half the rows 3/4 as long, left-padded
+    ids, mask = ids.masked_fill(mask == 0, special_ids(size)[1]).to(device), mask.to(device)
+    gc = _gen_config(size, new)
+    gc.min_new_tokens = new
+    E.generate(model, ids[:1, -8:], mask[:1, -8:], _gen_config(size, 2), slots=1)  # warm-up
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    st: dict = {}
+    t = time.perf_counter()
+    out = E.generate(model, ids, mask, gc, num_return_sequences=1, slots=prompts, stats=st)
+    sync(device)
+    dt = time.perf_counter() - t
+    arch = memory.Arch.from_config(cfg)
+    width = 2 if dtype == torch.bfloat16 else 4
+    predicted = arch.params * width + _predicted(memory.engine_parts(arch, prompts, long_len + new, prompts, long_len, 0, width))
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    rec("rollout", size=size, prompts=prompts, prompt_lens=f"{long_len}/{long_len * 3 // 4}", new_tokens=new,
+        generated_tokens=int(out.shape[1] - long_len) * prompts, seconds=dt, tokens_per_s=st["useful_tokens"] / dt,
+        step_s=dt / st["steps"], kv_cache_bytes=st["kv_bytes"], peak_memory_bytes=peak, predicted_peak_bytes=predicted,
+        predicted_over_measured=predicted / peak if peak else 0.0)
+
+
+def update(a, rec: Recorder) -> None:
+    """The GRPO update's forward/backward and optimizer step at 3B, measured against memory.py."""
+    import math
+
+    import torch
+
+    import grpo_mm as G
+    import memory
+    import model as M
+
+    device, _ = device_and_dtype(a)
+    size = "tiny" if a.dry_run else "3b"
+    rows, width = (4, 64) if a.dry_run else (a.update_rows, a.seq_len)
+    model, cfg, info = build(size, device, torch.float32)
+    M.set_gradient_checkpointing(model, True)
+    policy = M.Policy(model).train()
+    policy.autocast_bf16 = True  # what grpo_mm's one-process bf16 path sets
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lengths = [width - k * width // (2 * rows) for k in range(rows)]  # different lengths: a padded mask
+    ids = torch.randint(0, 1000 if size == "tiny" else 150000, (rows, width), generator=g)
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    target = mask.bool() & (torch.arange(width)[None] >= width // 2)
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "target_mask": target.to(device),
+             "pixel_values": None, "image_grid_thw": None, "mm_token_type_ids": torch.zeros_like(ids).to(device)}
+    adv = torch.linspace(-1, 1, rows, device=device)
+
+    def micro_batch():
+        logp, ent = G.forward_logprobs(policy, batch, 1.0, with_entropy=True)
+        m = batch["target_mask"].float()
+        pg, _ = G.policy_loss(logp, logp.detach(), adv, m, 0.2, 0.25, 3.0, math.log(1e3))
+        ((pg - 0.01 * ent * m).sum() / m.sum()).backward()
+
+    def reset():
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak():
+        sync(device)
+        return torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+
+    for _ in range(2):  # the first optimizer step allocates AdamW's moments; the second is measured
+        t = time.perf_counter()
+        reset()
+        micro_batch()
+        micro_batch()  # the second micro-batch: every gradient already exists
+        peak_fb, fb_s = peak(), time.perf_counter() - t
+        reset()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        peak_step = peak()
+        opt.zero_grad(set_to_none=True)
+    arch = memory.Arch.from_config(cfg)
+    run = memory.Run(stage="grpo", world=1, fsdp=False, precision="autocast", device="cuda", grad_ckpt=True,
+                     rows=rows, width=width, padded=True, targets=int(target.sum()))
+    pred_fb, pred_step = _predicted(memory.training_phase(arch, run)), _predicted(memory.step_phase(arch, run))
+    rec("update", size=size, rows=rows, width=width, tokens=int(mask.sum()), targets=int(target.sum()),
+        forward_backward_s=fb_s / 2, peak_forward_backward_bytes=peak_fb, predicted_forward_backward_bytes=pred_fb,
+        fb_predicted_over_measured=pred_fb / peak_fb if peak_fb else 0.0, peak_step_bytes=peak_step,
+        predicted_step_bytes=pred_step, step_predicted_over_measured=pred_step / peak_step if peak_step else 0.0)
+
+
+def load(a, rec: Recorder) -> None:
+    """Write a random bf16 checkpoint, then time model.load_weights (fp32 on the host) and the move to the GPU."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    import common as C
+    import memory
+    import model as M
+
+    device, dtype = device_and_dtype(a)
+    size = "tiny" if a.dry_run else "3b"
+    model, cfg, info = build(size, device, dtype)
+    tmp = tempfile.mkdtemp(prefix="gpu_bench_load_")
+    try:
+        t = time.perf_counter()
+        model.save_pretrained(tmp, safe_serialization=True)
+        save_s = time.perf_counter() - t
+        disk = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        host = C.PhaseMemory(torch.device("cpu"))  # resident memory from here on
+        host.reset()
+        t = time.perf_counter()
+        loaded = M.load_weights(tmp)
+        read_s = time.perf_counter() - t
+        host_peak = host.peak_mb() * 2**20
+        t = time.perf_counter()
+        loaded.to(device)
+        sync(device)
+        move_s = time.perf_counter() - t
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    arch = memory.Arch.from_config(cfg)
+    predicted = memory.host_at_load(arch, 1, False, "cuda")["rank 0"]
+    rec("load", size=size, checkpoint_bytes=disk, save_s=save_s, read_s=read_s, to_device_s=move_s,
+        read_gb_per_s=disk / read_s / 1e9, host_peak_bytes=host_peak, predicted_host_bytes=predicted,
+        host_predicted_over_measured=predicted / host_peak if host_peak else 0.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--only", choices=["env", "bw", "decode", "engine", "compile", "train"], required=True)
+    ap.add_argument("--only", choices=["env", "bw", "decode", "engine", "compile", "train", "rollout", "update", "load"],
+                    required=True)
     ap.add_argument("--dry_run", action="store_true", help="CPU, tiny shapes")
     ap.add_argument("--sizes", default="3b,7b")
     ap.add_argument("--batch", type=int, default=64)
@@ -392,6 +554,8 @@ def main() -> None:
     ap.add_argument("--engine_slots", type=int, default=64)
     ap.add_argument("--engine_median", type=float, default=64.0)
     ap.add_argument("--train_steps", type=int, default=3)
+    ap.add_argument("--rollout_prompt", type=int, default=4096, help="the long prompts' tokens (rollout)")
+    ap.add_argument("--update_rows", type=int, default=4, help="sequences per micro-batch (update)")
     ap.add_argument("--bandwidth", type=float, default=0.0,
                     help="bytes/s for the roofline (default: what `bw` measured into --out, else nominal)")
     a = ap.parse_args()
@@ -411,6 +575,8 @@ def main() -> None:
         engine_decode(a, rec)
     elif a.only == "compile":
         decode(a, rec, compiled=True)
+    elif a.only in ("rollout", "update", "load"):
+        {"rollout": rollout, "update": update, "load": load}[a.only](a, rec)
     else:
         train(a, rec)
 

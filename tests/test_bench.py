@@ -136,7 +136,7 @@ def test_gpu_bench_dry_run(tmp_path):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     names = {(row["measurement"], row.get("path")) for row in rows}
     assert {("env", None), ("bw", None), ("train", None), ("engine", None), ("decode", "hf_generate"), ("decode", "ours_generate"),
-            ("decode", "hf_static_compiled")} <= names, names  # fmt: skip
+            ("decode", "hf_static_compiled"), ("rollout", None), ("update", None), ("load", None)} <= names, names  # fmt: skip
     for row in rows:
         if row["measurement"] == "decode":
             assert row["decode_tokens_per_s"] > 0 and row["roofline_step_s"] > 0
@@ -144,4 +144,10 @@ def test_gpu_bench_dry_run(tmp_path):
             assert row["useful_tokens_per_s"] > 0 and row["roofline_step_s"] > 0 and row["kv_cache_bytes"] > 0
         if row["measurement"] == "train":
             assert row["step_s"] > 0 and 0 < row["mfu"] < 1
+        if row["measurement"] == "rollout":  # every row ran its forced 16 new tokens
+            assert row["generated_tokens"] == row["prompts"] * row["new_tokens"] and row["kv_cache_bytes"] > 0
+        if row["measurement"] == "update":  # on CPU no peak is measured; the prediction exceeds the step's state
+            assert row["predicted_forward_backward_bytes"] > row["predicted_step_bytes"] > 0
+        if row["measurement"] == "load":  # the host held about one fp32 copy of the checkpoint's weights
+            assert row["read_s"] > 0 and 0.25 < row["host_predicted_over_measured"] < 4
     assert "stopped" not in (out / "summary.txt").read_text()
