@@ -85,7 +85,9 @@ def env(a, rec: Recorder) -> None:
         info["cuda_available"] = torch.cuda.is_available()
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(0)
-            info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count)
+            info.update(
+                gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count
+            )
         elif not a.dry_run:
             missing.append("a CUDA GPU visible to torch")
     except ImportError:
@@ -255,7 +257,9 @@ def decode(a, rec: Recorder, compiled: bool = False) -> None:
         model, cfg, info = build(size, device, dtype)
         tc = cfg.text_config
         g = torch.Generator(device="cpu").manual_seed(0)
-        ids = torch.randint(0, 1000 if size == "tiny" else 150000, (batch, prompt_len), generator=g).to(device)
+        ids = torch.randint(0, 1000 if size == "tiny" else 150000, (batch, prompt_len), generator=g).to(
+            device
+        )
         mask = torch.ones_like(ids)
         paths = ["hf_static_compiled"] if compiled else ["hf_generate", "ours_generate"]
         # Roofline: every decode step reads the decoder + lm_head weights and the whole KV cache once (the input
@@ -266,7 +270,16 @@ def decode(a, rec: Recorder, compiled: bool = False) -> None:
         weight_bytes = text_params * torch.finfo(dtype).bits // 8
         head_dim = tc.hidden_size // tc.num_attention_heads
         ctx = prompt_len + steps / 2
-        kv_bytes = batch * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * ctx * torch.finfo(dtype).bits // 8
+        kv_bytes = (
+            batch
+            * tc.num_hidden_layers
+            * 2
+            * tc.num_key_value_heads
+            * head_dim
+            * ctx
+            * torch.finfo(dtype).bits
+            // 8
+        )
         roof_s = (weight_bytes + kv_bytes) / bw
         for name in paths:
             times = {}
@@ -297,7 +310,9 @@ def engine_decode(a, rec: Recorder) -> None:
 
     device, dtype = device_and_dtype(a)
     size = "tiny" if a.dry_run else "7b"
-    prompts, n, slots, prompt_len = (4, 4, 4, 16) if a.dry_run else (a.engine_prompts, 8, a.engine_slots, a.prompt_len)
+    prompts, n, slots, prompt_len = (
+        (4, 4, 4, 16) if a.dry_run else (a.engine_prompts, 8, a.engine_slots, a.prompt_len)
+    )
     cap = 8 if a.dry_run else 4 * a.new_tokens
     median = 3 if a.dry_run else a.engine_median
     bw = a.bandwidth or measured_bandwidth(a.out) or peaks(a)[1]
@@ -321,21 +336,47 @@ def engine_decode(a, rec: Recorder) -> None:
     sync(device)
     dt = time.perf_counter() - t
     tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
-    text_params = sum(p.numel() for name, p in model.named_parameters()
-                      if "visual" not in name and (tied or "embed_tokens" not in name))
+    text_params = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if "visual" not in name and (tied or "embed_tokens" not in name)
+    )
     weight_bytes = text_params * torch.finfo(dtype).bits // 8
     head_dim = tc.hidden_size // tc.num_attention_heads
     mean_ctx = prompt_len + sum(x * x for x in lengths) / (2 * sum(lengths))  # token-weighted mean context
-    kv_step = (st["useful_tokens"] / st["steps"]) * tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim \
-        * mean_ctx * torch.finfo(dtype).bits // 8
+    kv_step = (
+        (st["useful_tokens"] / st["steps"])
+        * tc.num_hidden_layers
+        * 2
+        * tc.num_key_value_heads
+        * head_dim
+        * mean_ctx
+        * torch.finfo(dtype).bits
+        // 8
+    )
     roof_s = (weight_bytes + kv_step) / bw
     step_s = dt / st["steps"]  # prefills included: an upper bound on the decode step
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    rec("engine", size=size, sequences=prompts * n, slots=st["slots"], prompt_len=prompt_len, max_new_tokens=cap,
-        useful_tokens=st["useful_tokens"], seconds=dt, useful_tokens_per_s=st["useful_tokens"] / dt,
-        steps=st["steps"], slot_utilisation=st["useful_tokens"] / (st["slots"] * st["steps"]), step_s=step_s,
-        roofline_step_s=roof_s, roofline_fraction=roof_s / step_s, kv_cache_bytes=st["kv_bytes"],
-        peak_memory_bytes=peak, weight_bytes=weight_bytes, bandwidth_bytes_per_s=bw)
+    rec(
+        "engine",
+        size=size,
+        sequences=prompts * n,
+        slots=st["slots"],
+        prompt_len=prompt_len,
+        max_new_tokens=cap,
+        useful_tokens=st["useful_tokens"],
+        seconds=dt,
+        useful_tokens_per_s=st["useful_tokens"] / dt,
+        steps=st["steps"],
+        slot_utilisation=st["useful_tokens"] / (st["slots"] * st["steps"]),
+        step_s=step_s,
+        roofline_step_s=roof_s,
+        roofline_fraction=roof_s / step_s,
+        kv_cache_bytes=st["kv_bytes"],
+        peak_memory_bytes=peak,
+        weight_bytes=weight_bytes,
+        bandwidth_bytes_per_s=bw,
+    )
 
 
 def train(a, rec: Recorder) -> None:
@@ -378,12 +419,16 @@ def train(a, rec: Recorder) -> None:
     sync(device)
     step_s = (time.perf_counter() - t) / reps
     tc = cfg.text_config
-    text_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n and "embed_tokens" not in n)
+    text_params = sum(
+        p.numel() for n, p in model.named_parameters() if "visual" not in n and "embed_tokens" not in n
+    )
     head = tc.vocab_size * tc.hidden_size
     # Model FLOPs (no recompute): 6 N per token through the decoder, lm_head on the trained half only, and
     # causal attention (QK^T and AV: 2 x 2 x T^2/2 x hidden per layer forward, x3 with backward).
     decoder = text_params - (head if not tc.tie_word_embeddings else 0)
-    flops = 6 * decoder * seq + 6 * head * (seq // 2) + 3 * 2 * tc.num_hidden_layers * seq * seq * tc.hidden_size
+    flops = (
+        6 * decoder * seq + 6 * head * (seq // 2) + 3 * 2 * tc.num_hidden_layers * seq * seq * tc.hidden_size
+    )
     peak_flops = peaks(a)[0]
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     rec("train", size=size, seq_len=seq, params=info["params"], step_s=step_s, tokens_per_s=seq / step_s,
@@ -425,12 +470,25 @@ def rollout(a, rec: Recorder) -> None:
     dt = time.perf_counter() - t
     arch = memory.Arch.from_config(cfg)
     width = 2 if dtype == torch.bfloat16 else 4
-    predicted = arch.params * width + _predicted(memory.engine_parts(arch, prompts, long_len + new, prompts, long_len, 0, width))
+    predicted = arch.params * width + _predicted(
+        memory.engine_parts(arch, prompts, long_len + new, prompts, long_len, 0, width)
+    )
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    rec("rollout", size=size, prompts=prompts, prompt_lens=f"{long_len}/{long_len * 3 // 4}", new_tokens=new,
-        generated_tokens=int(out.shape[1] - long_len) * prompts, seconds=dt, tokens_per_s=st["useful_tokens"] / dt,
-        step_s=dt / st["steps"], kv_cache_bytes=st["kv_bytes"], peak_memory_bytes=peak, predicted_peak_bytes=predicted,
-        predicted_over_measured=predicted / peak if peak else 0.0)
+    rec(
+        "rollout",
+        size=size,
+        prompts=prompts,
+        prompt_lens=f"{long_len}/{long_len * 3 // 4}",
+        new_tokens=new,
+        generated_tokens=int(out.shape[1] - long_len) * prompts,
+        seconds=dt,
+        tokens_per_s=st["useful_tokens"] / dt,
+        step_s=dt / st["steps"],
+        kv_cache_bytes=st["kv_bytes"],
+        peak_memory_bytes=peak,
+        predicted_peak_bytes=predicted,
+        predicted_over_measured=predicted / peak if peak else 0.0,
+    )
 
 
 def update(a, rec: Recorder) -> None:
@@ -457,8 +515,14 @@ def update(a, rec: Recorder) -> None:
     ids = torch.randint(0, 1000 if size == "tiny" else 150000, (rows, width), generator=g)
     mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
     target = mask.bool() & (torch.arange(width)[None] >= width // 2)
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "target_mask": target.to(device),
-             "pixel_values": None, "image_grid_thw": None, "mm_token_type_ids": torch.zeros_like(ids).to(device)}
+    batch = {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "target_mask": target.to(device),
+        "pixel_values": None,
+        "image_grid_thw": None,
+        "mm_token_type_ids": torch.zeros_like(ids).to(device),
+    }
     adv = torch.linspace(-1, 1, rows, device=device)
 
     def micro_batch():
@@ -488,13 +552,37 @@ def update(a, rec: Recorder) -> None:
         peak_step = peak()
         opt.zero_grad(set_to_none=True)
     arch = memory.Arch.from_config(cfg)
-    run = memory.Run(stage="grpo", world=1, fsdp=False, precision="autocast", device="cuda", grad_ckpt=True,
-                     rows=rows, width=width, padded=True, targets=int(target.sum()))
-    pred_fb, pred_step = _predicted(memory.training_phase(arch, run)), _predicted(memory.step_phase(arch, run))
-    rec("update", size=size, rows=rows, width=width, tokens=int(mask.sum()), targets=int(target.sum()),
-        forward_backward_s=fb_s / 2, peak_forward_backward_bytes=peak_fb, predicted_forward_backward_bytes=pred_fb,
-        fb_predicted_over_measured=pred_fb / peak_fb if peak_fb else 0.0, peak_step_bytes=peak_step,
-        predicted_step_bytes=pred_step, step_predicted_over_measured=pred_step / peak_step if peak_step else 0.0)
+    run = memory.Run(
+        stage="grpo",
+        world=1,
+        fsdp=False,
+        precision="autocast",
+        device="cuda",
+        grad_ckpt=True,
+        rows=rows,
+        width=width,
+        padded=True,
+        targets=int(target.sum()),
+    )
+    pred_fb, pred_step = (
+        _predicted(memory.training_phase(arch, run)),
+        _predicted(memory.step_phase(arch, run)),
+    )
+    rec(
+        "update",
+        size=size,
+        rows=rows,
+        width=width,
+        tokens=int(mask.sum()),
+        targets=int(target.sum()),
+        forward_backward_s=fb_s / 2,
+        peak_forward_backward_bytes=peak_fb,
+        predicted_forward_backward_bytes=pred_fb,
+        fb_predicted_over_measured=pred_fb / peak_fb if peak_fb else 0.0,
+        peak_step_bytes=peak_step,
+        predicted_step_bytes=pred_step,
+        step_predicted_over_measured=pred_step / peak_step if peak_step else 0.0,
+    )
 
 
 def load(a, rec: Recorder) -> None:
@@ -534,16 +622,28 @@ def load(a, rec: Recorder) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     arch = memory.Arch.from_config(cfg)
     predicted = memory.host_at_load(arch, 1, False, "cuda")["rank 0"]
-    rec("load", size=size, checkpoint_bytes=disk, save_s=save_s, read_s=read_s, to_device_s=move_s,
-        read_gb_per_s=disk / read_s / 1e9, host_peak_bytes=host_peak, predicted_host_bytes=predicted,
-        host_predicted_over_measured=predicted / host_peak if host_peak else 0.0)
+    rec(
+        "load",
+        size=size,
+        checkpoint_bytes=disk,
+        save_s=save_s,
+        read_s=read_s,
+        to_device_s=move_s,
+        read_gb_per_s=disk / read_s / 1e9,
+        host_peak_bytes=host_peak,
+        predicted_host_bytes=predicted,
+        host_predicted_over_measured=predicted / host_peak if host_peak else 0.0,
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--only", choices=["env", "bw", "decode", "engine", "compile", "train", "rollout", "update", "load"],
-                    required=True)
+    ap.add_argument(
+        "--only",
+        choices=["env", "bw", "decode", "engine", "compile", "train", "rollout", "update", "load"],
+        required=True,
+    )
     ap.add_argument("--dry_run", action="store_true", help="CPU, tiny shapes")
     ap.add_argument("--sizes", default="3b,7b")
     ap.add_argument("--batch", type=int, default=64)
@@ -556,8 +656,12 @@ def main() -> None:
     ap.add_argument("--train_steps", type=int, default=3)
     ap.add_argument("--rollout_prompt", type=int, default=4096, help="the long prompts' tokens (rollout)")
     ap.add_argument("--update_rows", type=int, default=4, help="sequences per micro-batch (update)")
-    ap.add_argument("--bandwidth", type=float, default=0.0,
-                    help="bytes/s for the roofline (default: what `bw` measured into --out, else nominal)")
+    ap.add_argument(
+        "--bandwidth",
+        type=float,
+        default=0.0,
+        help="bytes/s for the roofline (default: what `bw` measured into --out, else nominal)",
+    )
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if a.dry_run:
