@@ -38,7 +38,10 @@ Only the schedule differs:
 - Deterministic for the torch RNG seed and the slot count (the order of the sampler's draws depends on both;
   greedy outputs depend on neither).
 
-What it does not do: no chunked prefill (a prompt is prefilled whole), no preemption or swapping, no paged
+- **Bounded prefill.** An admission's prompts are prefilled in parts of at most `prefill_tokens` padded tokens
+  (16,384 by default), each part's KV copied into its slots before the next part runs.
+
+What it does not do: no chunked prefill within a prompt (a prompt is prefilled whole), no preemption or swapping, no paged
 blocks or prefix sharing between slots (a group's samples hold copies of the prompt's KV), no CUDA graphs, no
 speculative decoding, no beam search / top-k / repetition penalty (configs that `sampling.fast_generate_supported`
 rejects go to `sampling.generate`, which hands them to HF `generate`).
@@ -57,6 +60,22 @@ from data import slice_pixel_values
 from model import cache_kwarg
 
 ATTENTION_NAME = "revisual_slots"
+# Padded prompt tokens per prefill forward: an admission's prompts are prefilled in parts of at most this many
+# (a part's activations are one layer's worth of tokens x (5 hidden + 3 MLP) values, plus its masks: 2.9 GB at
+# 7B for 2 x 8k-token prompts; in-loop validation admits 16 prompts at once, 23 GB in one forward).
+PREFILL_TOKENS = 16384
+
+
+def prefill_parts(prompts: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """`prompts` (in order) cut into consecutive parts whose count x longest length stays within `budget`
+    tokens (a prompt longer than the budget forms a part of its own)."""
+    parts: list[list[int]] = []
+    for p in prompts:
+        if parts and (len(parts[-1]) + 1) * max(lengths[q] for q in (*parts[-1], p)) <= budget:
+            parts[-1].append(p)
+        else:
+            parts.append([p])
+    return parts
 
 
 def _flash_kvcache():
@@ -190,11 +209,12 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
              generation_config: GenerationConfig, pixel_values: torch.Tensor | None = None,
              image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
              num_return_sequences: int = 1, slots: int = 0, logits_hook=None, stats: dict | None = None,
-             ) -> torch.Tensor:
+             prefill_tokens: int = PREFILL_TOKENS) -> torch.Tensor:
     """`sampling.generate`'s output for the same arguments (see the module docstring), decoded with continuous
     batching over `slots` decode slots (0: one per sequence). `stats`, when given, receives the run's numbers:
     steps (sampling steps), row_steps (rows the decoder ran, summed over steps), useful_tokens, admissions, prefills, kv_bytes, slots,
-    max_len. Configs the engine does not run go to `sampling.generate` unchanged."""
+    max_len. `prefill_tokens` bounds one prefill forward (prompts x padded width; a longer prompt runs alone).
+    Configs the engine does not run go to `sampling.generate` unchanged."""
     gc, n = generation_config, num_return_sequences
     if not S.fast_generate_supported(gc):
         return S.generate(model, input_ids, attention_mask, gc, pixel_values, image_grid_thw, mm_token_type_ids,
@@ -231,38 +251,40 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
     st = dict(steps=0, row_steps=0, useful_tokens=0, admissions=0, prefills=0, kv_bytes=cache.nbytes, slots=slots,
               max_len=max_len)
     while True:
-        # Admission: the next queued sequences into the free slots (lowest first), prefilling their prompts.
+        # Admission: the next queued sequences into the free slots (lowest first); the prompts they need are
+        # prefilled in parts of at most `prefill_tokens` padded tokens, each part's KV copied into its slots.
         take = min(len(free), num_seqs - next_seq)
         if take:
-            seqs = list(range(next_seq, next_seq + take))
-            next_seq += take
-            need = sorted({s // n for s in seqs} - pending.keys())
-            if need:
-                batch = select_prompts(input_ids, attention_mask, mm_token_type_ids, row_pixels, image_grid_thw,
-                                       row_images, need)
-                h, pcache, npos = S.prefill(model, **batch)
-                width = batch["input_ids"].shape[1]
-                for i, p in enumerate(need):
-                    kv = [(layer.keys[i, :, width - plen[p] :], layer.values[i, :, width - plen[p] :])
-                          for layer in pcache.layers]
-                    pending[p] = dict(kv=kv, h=h[i], pos=npos[i], left=n)
-                st["prefills"] += len(need)
             by_prompt: dict[int, list[int]] = {}
-            for s in seqs:
+            for s in range(next_seq, next_seq + take):
                 slot = heapq.heappop(free)
                 seq_of[slot], length[slot], steps[slot] = s, plen[s // n], 0
                 by_prompt.setdefault(s // n, []).append(slot)
-            for p, ss in by_prompt.items():
-                entry = pending[p]
-                idx = torch.tensor(ss, device=device)
-                cache.load(idx, entry["kv"])
-                hidden_buf[idx] = entry["h"]
-                pos[idx] = entry["pos"]
-                entry["left"] -= len(ss)
-                if entry["left"] == 0:
-                    del pending[p]
-                else:  # the one partly admitted prompt: keep its own KV, not the prefill batch's
-                    entry["kv"] = [(k.clone(), v.clone()) for k, v in entry["kv"]]
+            next_seq += take
+            need = sorted(by_prompt.keys() - pending.keys())
+            parts = [[p for p in by_prompt if p in pending], *prefill_parts(need, plen, prefill_tokens)]
+            for part in parts:  # first the partly admitted prompt of the last admission, if any
+                if part and part[0] in need:
+                    batch = select_prompts(input_ids, attention_mask, mm_token_type_ids, row_pixels, image_grid_thw,
+                                           row_images, part)  # fmt: skip
+                    h, pcache, npos = S.prefill(model, **batch)
+                    width = batch["input_ids"].shape[1]
+                    for i, p in enumerate(part):
+                        kv = [(layer.keys[i, :, width - plen[p] :], layer.values[i, :, width - plen[p] :])
+                              for layer in pcache.layers]  # fmt: skip
+                        pending[p] = dict(kv=kv, h=h[i], pos=npos[i], left=n)
+                    st["prefills"] += len(part)
+                    del batch, h, pcache
+                for p in part:
+                    entry, idx = pending[p], torch.tensor(by_prompt[p], device=device)
+                    cache.load(idx, entry["kv"])
+                    hidden_buf[idx] = entry["h"]
+                    pos[idx] = entry["pos"]
+                    entry["left"] -= len(by_prompt[p])
+                    if entry["left"] == 0:
+                        del pending[p]
+                    else:  # the one partly admitted prompt: keep its own KV, not the prefill batch's
+                        entry["kv"] = [(k.clone(), v.clone()) for k, v in entry["kv"]]
             st["admissions"] += take
         live = [i for i in range(slots) if seq_of[i] >= 0]
         if not live:

@@ -235,9 +235,13 @@ def engine_parts(
     patches: int,
     g: int,
 ) -> dict[str, float]:
-    """engine.generate's own memory with weights of `g` bytes: the slot KV cache (allocated once), and the first
-    admission's prefill: its prompts' own KV cache, one layer's activations without grad, the masks."""
+    """engine.generate's own memory with weights of `g` bytes: the slot KV cache (allocated once), and one prefill
+    forward of the first admission: its prompts' own KV cache, one layer's activations without grad, the masks."""
+    from engine import PREFILL_TOKENS
+
     out = {"KV cache (slots x (prompt + new tokens))": a.layers * 2 * slots * kv_len * a.kv_dim * g}
+    # an admission's prompts are prefilled in parts of at most PREFILL_TOKENS padded tokens
+    prefill_rows = max(1, min(prefill_rows, PREFILL_TOKENS // max(1, prefill_len)))
     tokens = prefill_rows * prefill_len
     out["prefill: its prompts' KV cache"] = a.layers * 2 * tokens * a.kv_dim * g
     # one layer at a time without grad: q, repeated k and v, attention output, gate, up, silu(gate) * up, the

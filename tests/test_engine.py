@@ -65,11 +65,12 @@ def test_engine_greedy_matches_hf_row_by_row(tiny, synth_dir):
     assert got == lengths
     new = ref[:, width:]
     assert not torch.equal(new[0], new[n]) and not torch.equal(new[0], new[1]), "rows must differ"
-    for slots in (0, 2, 5):
+    # prefill_tokens: the default (one prefill per admission here), 1 (every prompt alone), two prompts' worth
+    for slots, budget in ((0, E.PREFILL_TOKENS), (2, E.PREFILL_TOKENS), (5, E.PREFILL_TOKENS), (0, 1), (5, 2 * width)):
         stats = {}
         out = E.generate(model, **once, generation_config=gc, num_return_sequences=n, slots=slots,
-                         logits_hook=steer.hook, stats=stats)
-        assert torch.equal(out, ref), slots
+                         logits_hook=steer.hook, stats=stats, prefill_tokens=budget)
+        assert torch.equal(out, ref), (slots, budget)
         assert stats["prefills"] == len(enc) and stats["admissions"] == len(enc) * n
     assert stats["slots"] == 5 and stats["admissions"] >= 2 * stats["slots"]
     # The steer must not decide alone: without the model's logits the tokens would differ.
@@ -175,3 +176,11 @@ def test_engine_memory_allocated_once_and_bounded(tiny, synth_dir):
     # The only thing that grows with the number of sequences is the returned tensor (and the copies that build it).
     growth = 3 * (outs[1].numel() - outs[0].numel()) * 8
     assert peaks[1] <= peaks[0] + growth, (peaks, growth)
+
+
+def test_prefill_parts_bound_the_padded_tokens():
+    lengths = [5, 3, 8, 2, 9, 1]
+    assert E.prefill_parts([0, 1, 2, 3, 4, 5], lengths, 16) == [[0, 1], [2, 3], [4], [5]]  # 2x5, 2x8, 9, 1
+    assert E.prefill_parts([2, 4], lengths, 4) == [[2], [4]]  # longer than the budget: alone
+    assert E.prefill_parts([0, 1, 3], lengths, 100) == [[0, 1, 3]]
+    assert E.prefill_parts([], lengths, 16) == []
