@@ -265,13 +265,22 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
             parts = [[p for p in by_prompt if p in pending], *prefill_parts(need, plen, prefill_tokens)]
             for part in parts:  # first the partly admitted prompt of the last admission, if any
                 if part and part[0] in need:
-                    batch = select_prompts(input_ids, attention_mask, mm_token_type_ids, row_pixels, image_grid_thw,
-                                           row_images, part)  # fmt: skip
+                    batch = select_prompts(
+                        input_ids,
+                        attention_mask,
+                        mm_token_type_ids,
+                        row_pixels,
+                        image_grid_thw,
+                        row_images,
+                        part,
+                    )
                     h, pcache, npos = S.prefill(model, **batch)
                     width = batch["input_ids"].shape[1]
                     for i, p in enumerate(part):
-                        kv = [(layer.keys[i, :, width - plen[p] :], layer.values[i, :, width - plen[p] :])
-                              for layer in pcache.layers]  # fmt: skip
+                        kv = [
+                            (layer.keys[i, :, width - plen[p] :], layer.values[i, :, width - plen[p] :])
+                            for layer in pcache.layers
+                        ]
                         pending[p] = dict(kv=kv, h=h[i], pos=npos[i], left=n)
                     st["prefills"] += len(part)
                     del batch, h, pcache
@@ -298,8 +307,11 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
             early = torch.tensor([steps[i] < min_new for i in live], device=device)
             logits[:, eos] = logits[:, eos].masked_fill(early[:, None], -float("inf"))
         if logits_hook is not None:
-            logits = logits_hook(torch.tensor([seq_of[i] for i in live], device=device),
-                                 torch.tensor([steps[i] for i in live], device=device), logits)
+            logits = logits_hook(
+                torch.tensor([seq_of[i] for i in live], device=device),
+                torch.tensor([steps[i] for i in live], device=device),
+                logits,
+            )
         tok = S.sample_tokens(logits, temperature, top_p) if gc.do_sample else logits.argmax(-1)
         feed[rows] = tok
         cont = []
@@ -323,9 +335,14 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
         cache.set_step(write_idx, read_len)
         mask = (torch.arange(read_len, device=device) <= write_idx[:, None]).view(hi, 1, 1, read_len)
         with _DecodeAttention(model):
-            h = lm(input_ids=feed[:hi, None], position_ids=pos[:hi].view(1, hi, 1).expand(3, hi, 1),
-                   attention_mask={"full_attention": mask}, use_cache=True, slot_seqlens=(write_idx + 1).int(),
-                   **{cache_kw: cache}).last_hidden_state
+            h = lm(
+                input_ids=feed[:hi, None],
+                position_ids=pos[:hi].view(1, hi, 1).expand(3, hi, 1),
+                attention_mask={"full_attention": mask},
+                use_cache=True,
+                slot_seqlens=(write_idx + 1).int(),
+                **{cache_kw: cache},
+            ).last_hidden_state
         hidden_buf[:hi] = h[:, 0]
         pos[:hi] += 1
         for i in cont:

@@ -66,10 +66,24 @@ def test_engine_greedy_matches_hf_row_by_row(tiny, synth_dir):
     new = ref[:, width:]
     assert not torch.equal(new[0], new[n]) and not torch.equal(new[0], new[1]), "rows must differ"
     # prefill_tokens: the default (one prefill per admission here), 1 (every prompt alone), two prompts' worth
-    for slots, budget in ((0, E.PREFILL_TOKENS), (2, E.PREFILL_TOKENS), (5, E.PREFILL_TOKENS), (0, 1), (5, 2 * width)):
+    for slots, budget in (
+        (0, E.PREFILL_TOKENS),
+        (2, E.PREFILL_TOKENS),
+        (5, E.PREFILL_TOKENS),
+        (0, 1),
+        (5, 2 * width),
+    ):
         stats = {}
-        out = E.generate(model, **once, generation_config=gc, num_return_sequences=n, slots=slots,
-                         logits_hook=steer.hook, stats=stats, prefill_tokens=budget)
+        out = E.generate(
+            model,
+            **once,
+            generation_config=gc,
+            num_return_sequences=n,
+            slots=slots,
+            logits_hook=steer.hook,
+            stats=stats,
+            prefill_tokens=budget,
+        )
         assert torch.equal(out, ref), (slots, budget)
         assert stats["prefills"] == len(enc) and stats["admissions"] == len(enc) * n
     assert stats["slots"] == 5 and stats["admissions"] >= 2 * stats["slots"]
@@ -77,8 +91,10 @@ def test_engine_greedy_matches_hf_row_by_row(tiny, synth_dir):
     bias_only = torch.stack([steer.bias[s, : new.shape[1]].argmax(-1) for s in range(len(lengths))])
     assert not torch.equal(torch.where(new == gc.pad_token_id, bias_only, new), bias_only)
     plain = S.generation_config(processor.tokenizer, 0.0, 1.0, 12)
-    assert torch.equal(E.generate(model, **repeated, generation_config=plain, slots=4),
-                       model.generate(**repeated, generation_config=plain))  # no hook; n = 1 on repeated prompts
+    assert torch.equal(
+        E.generate(model, **repeated, generation_config=plain, slots=4),
+        model.generate(**repeated, generation_config=plain),
+    )  # no hook; n = 1 on repeated prompts
 
 
 def test_engine_row_independent_of_slot_and_neighbours(tiny, synth_dir):
@@ -90,8 +106,13 @@ def test_engine_row_independent_of_slot_and_neighbours(tiny, synth_dir):
     alone = [a[0, a.shape[1] - 10 :] for a in alone]
     order = [2, 0, 3, 1]
     for slots in (2, 3):
-        out = E.generate(model, **_collate(model, processor, [enc[i] for i in order]), generation_config=gc,
-                         num_return_sequences=2, slots=slots)[:, width:]
+        out = E.generate(
+            model,
+            **_collate(model, processor, [enc[i] for i in order]),
+            generation_config=gc,
+            num_return_sequences=2,
+            slots=slots,
+        )[:, width:]
         for row, i in enumerate(j for j in order for _ in range(2)):
             assert torch.equal(out[row], alone[i]), (slots, row)
 
@@ -139,7 +160,11 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in pytree.tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor)
+        }
         for t in pytree.tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
@@ -165,7 +190,9 @@ def test_engine_memory_allocated_once_and_bounded(tiny, synth_dir):
         batch = _collate(model, processor, enc * copies)
         stats = {}
         with LiveTensorBytes() as mem:
-            out = E.generate(model, **batch, generation_config=gc, num_return_sequences=2, slots=4, stats=stats)
+            out = E.generate(
+                model, **batch, generation_config=gc, num_return_sequences=2, slots=4, stats=stats
+            )
         tc = model.config.text_config
         layer_bytes = stats["kv_bytes"] // (2 * tc.num_hidden_layers)
         assert mem.sizes.count(layer_bytes) == 2 * tc.num_hidden_layers, "the KV buffers are allocated once"
