@@ -202,3 +202,24 @@ def test_layer_activations_match_autograd_saved_tensors():
     measured = sum(seen.values()) / tokens
     predicted = memory.layer_activations(h, i, kv, "fp32", padded=False, width=200)
     assert abs(measured - predicted) / predicted < 0.02, (measured, predicted)
+
+
+@pytest.mark.parametrize("name", ["sft_7b", "grpo_mm_7b", "grpo_text_7b"])
+def test_config_headers_quote_the_memory_model(name):
+    """Each 7B config's header quotes `python memory.py configs/NAME.yaml`'s phase totals (so a change to the
+    config or the model that moves them must update the header)."""
+    import yaml
+
+    import memory
+
+    path = os.path.join(ROOT, "configs", f"{name}.yaml")
+    with open(path) as f:
+        text = f.read()
+    cfg = yaml.safe_load(text)
+    totals = {
+        k: sum(v.values()) / memory.GB
+        for k, v in memory.phases(memory.arch_for(cfg["model"]), memory.run_from_config(cfg, 8)).items()
+    }
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    for phase, gb in totals.items():
+        assert f"{gb:.1f} GB" in header, (name, phase, gb)
