@@ -158,49 +158,52 @@ def test_run_from_config_reads_the_worst_case_and_packing():
     assert memory.run_from_config(cfg, world=1).precision == "autocast"
 
 
-def test_layer_activations_match_autograd_saved_tensors():
-    """The per-token formula against the bytes autograd actually saves for one decoder layer (fp32, no mask)."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "autocast"])
+def test_layer_activations_match_autograd_saved_tensors(precision):
+    """The per-token formula against the bytes autograd saves inside one decoder layer, in each precision: fp32,
+    bf16 weights (what FSDP2's mixed precision computes with) and bf16 autocast over fp32 weights. Per token =
+    the growth between two sequence lengths, so per-call constants (autocast's weight copies, rotary tables)
+    cancel."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     import memory
 
     h, i, kv = 256, 768, 128
+    text = dict(
+        hidden_size=h, intermediate_size=i, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    rope = {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 12, 12]}
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            hidden_size=h,
-            intermediate_size=i,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=512,
-            pad_token_id=0,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [8, 12, 12]},
-        ),
+        text_config=dict(text, vocab_size=512, pad_token_id=0, rope_parameters=rope),
         vision_config=dict(M.TINY_VISION, out_hidden_size=h),
         image_token_id=511,
         video_token_id=510,
         vision_start_token_id=509,
         vision_end_token_id=508,
     )
-    model = Qwen2_5_VLForConditionalGeneration._from_config(
-        cfg, attn_implementation="sdpa", dtype=torch.float32
-    )
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=dtype)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    layer, inside, seen = model.model.language_model.layers[1], [False], {}
+    layer, inside = model.model.language_model.layers[1], [False]
     layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
     layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
 
-    def pack(t):  # storages first saved inside layer 1, not parameters (the rotary cos/sin come from outside)
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes() if inside[0] else 0
-        return t
+    def saved_in_layer(length: int) -> int:
+        seen: dict[int, int] = {}
 
-    tokens = 2 * 200
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model(input_ids=torch.randint(0, 500, (2, 200)), use_cache=False)
-    measured = sum(seen.values()) / tokens
-    predicted = memory.layer_activations(h, i, kv, "fp32", padded=False, width=200)
+        def pack(t):  # storages first saved inside layer 1, not parameters
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and ptr not in seen:
+                seen[ptr] = t.untyped_storage().nbytes() if inside[0] else 0
+            return t
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model.model(input_ids=torch.randint(0, 500, (2, length)), use_cache=False)
+        return sum(seen.values())
+
+    measured = (saved_in_layer(300) - saved_in_layer(100)) / (2 * 200)
+    predicted = memory.layer_activations(h, i, kv, precision, padded=False, width=0)
     assert abs(measured - predicted) / predicted < 0.02, (measured, predicted)
 
 
