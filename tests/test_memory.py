@@ -1,13 +1,15 @@
-"""memory.py against measurement: `python grpo_mm.py` on a mid-size checkpoint logs each phase's measured peak
-(metrics.jsonl `mem_rollout_mb`, `mem_update_mb`: peak resident memory above the process's memory before the
-model was loaded), and memory.py's prediction for the same config must be within 25% of it, with gradient
-checkpointing on and off.
+"""memory.py against measurement: `python grpo_mm.py` (one process) and `torchrun --nproc_per_node 2 grpo_mm.py`
+(FSDP2) on a mid-size checkpoint log each phase's measured peak (metrics.jsonl `mem_rollout_mb`, `mem_update_mb`:
+peak resident memory above the process's memory before the model was loaded; rank 0's under torchrun), and
+memory.py's prediction for the same config must be within 25% of it, with gradient checkpointing on (one
+process) and off (FSDP2).
 
 The checkpoint: a Qwen2.5-VL with 8 wider decoder layers (hidden 512, MLP 1536, GQA 8/2 heads) and a 4k or 32k
-vocabulary, random weights (30M / 60M parameters), so weights, gradients and AdamW (0.45 / 0.9 GB), the
-activations of a micro-batch of 8 sequences (1 GB without checkpointing) and the log-prob blocks (0.5 GB at
-32k) are each far above the interpreter's noise. Completions are forced to a fixed length (min_new_tokens), and
-max_prompt_len is the data's longest prompt, so the config's worst case is what the run does.
+vocabulary, random weights (30M / 60M parameters), so weights, gradients and AdamW, the activations of a
+micro-batch and the log-prob blocks (0.6 GB at 32k) are each far above the interpreter's noise. Completions are
+forced to a fixed length (min_new_tokens) and max_prompt_len is the data's longest prompt, so the config's worst
+case is what the run does. Also here: the per-layer activation formula against autograd's saved tensors, and
+the 7B config headers against the model's current output.
 """
 
 import json
@@ -17,6 +19,7 @@ import sys
 
 import pytest
 import torch
+from test_commands import torchrun
 
 import model as M
 from conftest import ROOT
@@ -78,7 +81,7 @@ def mid_run_inputs(root, vocab: int) -> tuple[str, str, int]:
     return ckpt, data, longest
 
 
-def measured_and_predicted(tmp_path, ckpt_on: bool, vocab: int) -> tuple[dict, dict]:
+def measured_and_predicted(tmp_path, ckpt_on: bool, vocab: int, nproc: int, micro: int) -> tuple[dict, dict]:
     import memory
 
     ckpt, data, longest = mid_run_inputs(tmp_path, vocab)
@@ -94,22 +97,27 @@ def measured_and_predicted(tmp_path, ckpt_on: bool, vocab: int) -> tuple[dict, d
         "min_new_tokens": NEW_TOKENS,
         "max_prompt_len": longest,
         "mini_batch": 16,
-        "micro_batch": 8,
+        "micro_batch": micro,
         "pad_mode": "off",
         "save_every": 0,
         "gradient_checkpointing": ckpt_on,
         "max_pixels": 112 * 112,
     }
     # max_pixels: the synthetic images' largest (the config's worst case is then the run's)
-    cmd = [sys.executable, "grpo_mm.py", *[f"--{k}={v}" for k, v in flags.items()]]
+    launch = [sys.executable, "grpo_mm.py"]
+    if nproc > 1:  # the README's torchrun line (+ a free port): FSDP2 over the ranks, rank 0's peaks logged
+        launch = [*torchrun(nproc), "grpo_mm.py"]
+    cmd = [*launch, *[f"--{k}={v}" for k, v in flags.items()]]
     # Every tensor over 64 kB its own mapping, returned to the system when freed: resident memory then follows
     # the live tensors (glibc's default keeps freed heap memory, and its threshold adapts upwards).
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(2 // nproc), HF_HUB_OFFLINE="1", MALLOC_MMAP_THRESHOLD_="65536"
+    )
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     last = rows[-1]  # step 2: AdamW's moments exist, as in every step after the first
-    run = memory.run_from_config(flags, world=1, device="cpu")
+    run = memory.run_from_config(flags, world=nproc, device="cpu")
     arch = memory.arch_for(ckpt)
     predicted = {k: sum(v.values()) / 2**20 for k, v in memory.phases(arch, run).items()}
     print(memory.report(arch, run, f"gradient checkpointing {ckpt_on}"))
@@ -119,13 +127,17 @@ def measured_and_predicted(tmp_path, ckpt_on: bool, vocab: int) -> tuple[dict, d
     }
 
 
-# Checkpointed: a 4k vocabulary, so that one layer's recomputation and backward (not the log-prob blocks) is the
-# backward's peak; not checkpointed: a 32k vocabulary, every layer's activations plus the log-prob blocks.
+# One process, checkpointed, a 4k vocabulary: one layer's recomputation and backward (not the log-prob blocks) is
+# the backward's peak. torchrun x2 (FSDP2, each rank a shard of the weights, gradients and AdamW, the root and
+# the layers gathered in turn, the whole model gathered for generation), not checkpointed, a 32k vocabulary:
+# every layer's activations plus the log-prob blocks.
 @pytest.mark.parametrize(
-    "ckpt_on,vocab", [(True, 4096), (False, 32768)], ids=["checkpointing", "no-checkpointing"]
+    "ckpt_on,vocab,nproc,micro",
+    [(True, 4096, 1, 8), (False, 32768, 2, 4)],
+    ids=["one-process-checkpointing", "fsdp2-x2"],
 )
-def test_memory_model_within_25_percent_of_a_measured_grpo_run(tmp_path, ckpt_on, vocab):
-    measured, predicted = measured_and_predicted(tmp_path, ckpt_on, vocab)
+def test_memory_model_within_25_percent_of_a_measured_grpo_run(tmp_path, ckpt_on, vocab, nproc, micro):
+    measured, predicted = measured_and_predicted(tmp_path, ckpt_on, vocab, nproc, micro)
     for phase in ("rollout", "update"):
         ratio = predicted[phase] / measured[phase]
         print(
