@@ -331,6 +331,7 @@ def train(cfg: SFTConfig) -> str:
     logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
                         format=f"[sft rank {d.rank}] %(levelname)s %(message)s")  # fmt: skip
     mode, bf16 = choose_mode(cfg, d)
+    memory = C.PhaseMemory(d.device)  # each step's peak, logged as mem_step_mb (memory.py models it)
     C.seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
 
@@ -392,6 +393,7 @@ def train(cfg: SFTConfig) -> str:
             orders = {epoch: epoch_order(lengths, cfg.seed, epoch, cfg.micro_batch, cfg.group_by_length)}
         items = orders[epoch][index : index + cfg.global_batch]
         t0 = time.time()
+        memory.reset()
         mine = rank_micro_batches(items, cfg.micro_batch, d.world, d.rank, lengths, cfg.micro_batch_tokens)
         local_tokens = sum(len(train_ex[i].completion) for mb in mine if mb for i in mb)
         global_tokens = int(C.all_reduce_sum(torch.tensor([local_tokens], device=d.device), d).item())
@@ -438,7 +440,7 @@ def train(cfg: SFTConfig) -> str:
         row = {"step": step, "epoch": round(epoch + index / n, 4), "loss": loss if not skipped else 0.0, "lr": lr,
                "grad_norm": grad_norm if not skipped else 0.0, "tokens": global_tokens, "seq_tokens": seq_tokens,
                "pad_frac": 1.0 - seq_tokens / padded, "tokens_per_s": seq_tokens / max(dt, 1e-9),
-               "skipped": int(skipped), "bad_steps": bad_total}  # fmt: skip
+               "skipped": int(skipped), "bad_steps": bad_total, "mem_step_mb": memory.peak_mb()}  # fmt: skip
         if eval_ex and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             with autocast():
                 row["eval_loss"] = eval_loss(wrapped, eval_ex, cfg, d, tok.pad_token_id, image_token_id)
