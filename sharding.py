@@ -29,9 +29,10 @@ def shard(policy: Policy, param_dtype: torch.dtype | None = None, reshard_after_
 
     `from_rank0`: rank 0 holds the loaded weights (on the host), every other rank the same architecture on the
     meta device (`load_model(..., on_meta=True)`). The model is sharded first (each rank keeps only its shard,
-    on its device; no unsharded model is ever moved to a device), then rank 0's weights are broadcast into
-    the shards one tensor at a time (`set_model_state_dict(..., broadcast_from_rank0=True)`, as verl and
-    torchtitan do), then the buffers (rotary frequencies, not in the state dict). Host memory: rank 0 one full
+    on its device; no unsharded model is ever moved to a device), then rank 0's weights are scattered into
+    the shards one tensor at a time (`_fill_shards_from_rank0`; verl and torchtitan use
+    `set_model_state_dict(..., broadcast_from_rank0=True)`, which holds a second copy of the shards at its
+    peak), then the buffers (rotary frequencies, not in the state dict). Host memory: rank 0 one full
     copy while it loads; every other rank its shard plus the largest single tensor in flight."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
