@@ -350,22 +350,39 @@ class ChunkedLogProbs(torch.autograd.Function):
       d logp_t / dz   = onehot(t) - p
       d H / dz        = -p * (log p + H)          (H = -sum p log p)
     then d/dh = dz W / temperature and d/dW = dz^T h / temperature.
+
+    Every (chunk x V) step works in place in one buffer per call (two for the entropy's backward), allocated once
+    and reused by every chunk: on CPU a fresh block that size is new pages from the OS, and faulting them in cost
+    more than the arithmetic (a 151k vocabulary: 0.55 s for `z / t` against 0.03 s for `z.div_(t)`, 1024 rows).
+    The temperature is applied to h (N x H) rather than to the logits, and the log-sum-exp is taken in place
+    (max, subtract, exp, sum), with the entropy as log S - sum_i e_i (z_i - max) / S (e_i = exp(z_i - max),
+    S = sum_i e_i) from a row-wise dot product.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int, with_entropy: bool):
-        n = hidden.shape[0]
+        n, v = hidden.shape[0], weight.shape[0]
         w32 = weight.float()  # one fp32 copy of lm_head per call (a no-op in fp32 training)
+        hs = hidden.float() / temperature
         logp = hidden.new_empty(n, dtype=torch.float32)
         lse = hidden.new_empty(n, dtype=torch.float32)
         entropy = hidden.new_zeros(n, dtype=torch.float32)
+        buf = hidden.new_empty(min(n, chunk_size), v, dtype=torch.float32)
+        buf_e = torch.empty_like(buf) if with_entropy else None
         for s in range(0, n, chunk_size):
-            z = hidden[s : s + chunk_size].float() @ w32.T / temperature
-            lse[s : s + chunk_size] = z.logsumexp(-1)
-            logp[s : s + chunk_size] = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1) - lse[s : s + chunk_size]
-            if with_entropy:
-                logp_all = z - lse[s : s + chunk_size, None]
-                entropy[s : s + chunk_size] = -(logp_all.exp() * logp_all).sum(-1)
+            h = hs[s : s + chunk_size]
+            m = h.shape[0]
+            z = torch.mm(h, w32.T, out=buf[:m])  # the logits
+            picked = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1)
+            top = z.amax(-1, keepdim=True)
+            z.sub_(top)
+            e = torch.exp(z, out=buf_e[:m]) if with_entropy else z.exp_()  # e_i = exp(z_i - max)
+            total = e.sum(-1, keepdim=True)  # S
+            lse[s : s + chunk_size] = (total.log() + top).squeeze(1)
+            logp[s : s + chunk_size] = picked - lse[s : s + chunk_size]
+            if with_entropy:  # H = log S - sum_i e_i (z_i - max) / S
+                dot = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).flatten()
+                entropy[s : s + chunk_size] = total.log().squeeze(1) - dot / total.squeeze(1)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         return logp, entropy
@@ -374,22 +391,31 @@ class ChunkedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         t, cs = ctx.temperature, ctx.chunk_size
+        n, v = hidden.shape[0], weight.shape[0]
         w32 = weight.float()
+        hs = hidden.float() / t
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], cs):
-            h = hidden[s : s + cs].float()
-            logp_all = h @ w32.T / t - lse[s : s + cs, None]
-            p = logp_all.exp()
-            gz = p * -grad_logp[s : s + cs, None]
-            gz.scatter_add_(1, targets[s : s + cs, None], grad_logp[s : s + cs, None])
-            if ctx.with_entropy and grad_entropy is not None:
-                gz -= p * (logp_all + entropy[s : s + cs, None]) * grad_entropy[s : s + cs, None]
-            gz /= t
+        with_entropy = ctx.with_entropy and grad_entropy is not None
+        g = grad_logp.float() / t  # the 1/t of dz/dh and dz/dW, folded into the coefficients
+        ge = grad_entropy.float() / t if with_entropy else None
+        buf = hidden.new_empty(min(n, cs), v, dtype=torch.float32)
+        buf_p = torch.empty_like(buf) if with_entropy else None
+        for s in range(0, n, cs):
+            h = hs[s : s + cs]
+            m = h.shape[0]
+            logp_all = torch.mm(h, w32.T, out=buf[:m]).sub_(lse[s : s + cs, None])
+            if with_entropy:  # gz = -p * (g + ge * (log p + H)) + onehot(t) g
+                p = torch.exp(logp_all, out=buf_p[:m])
+                gz = logp_all.add_(entropy[s : s + cs, None]).mul_(ge[s : s + cs, None]).add_(g[s : s + cs, None])
+                gz.mul_(p).neg_()
+            else:  # gz = -p g + onehot(t) g
+                gz = logp_all.exp_().mul_(-g[s : s + cs, None])
+            gz.scatter_add_(1, targets[s : s + cs, None], g[s : s + cs, None])
             if grad_hidden is not None:
                 grad_hidden[s : s + cs] = (gz @ w32).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += gz.T @ h
+                grad_weight.addmm_(gz.T, hidden[s : s + cs].float())  # dz/dW = h / t: 1/t is in gz already
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None

@@ -429,3 +429,16 @@ def test_grpo_update_packed_matches_padded_one_process(synth_dir):
     from test_grpo_dist import _compare_states  # moved by more than 2e-5, equal within atol 1e-5, rtol 1e-4
 
     _compare_states(g_sd, w_sd, M.Policy(M.build_tiny("tiny", seed=0)[0]).state_dict(), "packed vs padded")
+
+
+def test_sft_start_up_log_counts_packed_micro_batches():
+    """sft's start-up log states the micro-batches per rank per step; with packing, their range over the first
+    epoch (here the steps hold 290, 1650 and 900 tokens: 1, 2 and 1 micro-batches of at most 1000 tokens)."""
+    import dataclasses
+
+    lengths = [100, 900, 50, 60, 400, 30, 20, 700, 500, 80]
+    cfg = sft.SFTConfig(global_batch=4, micro_batch=2)
+    assert [sum(lengths[i] for i in s) for s in sft.epoch_steps(lengths, cfg, 0)] == [290, 1650, 900]
+    assert sft.accumulation(cfg, lengths, 1) == "1-2"  # the last step holds 2 sequences
+    packed = dataclasses.replace(cfg, micro_batch_tokens=1000)
+    assert sft.accumulation(packed, lengths, 1) == "1-2" and sft.accumulation(packed, lengths, 2) == "1"
