@@ -451,8 +451,9 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
     are its own 3-D M-RoPE positions (`position_ids`, (3, B, T), as `position_ids_for` computes them per row).
     With `attention_mask=None`, transformers reads row 0 (`find_packed_sequence_indices`: a new sequence wherever
     the position does not go up by 1) and builds a block-diagonal causal mask, so no token attends across a
-    sequence boundary. A row shorter than W ends in padding whose text positions restart at 0 too: a block of
-    its own that no real token sees."""
+    sequence boundary; with `NO_MASK`, varlen attention (`varlen_sdpa_attention`, flash-attn) reads the same
+    starts from row 0 and builds no mask. A row shorter than W ends in padding whose text positions restart at 0
+    too: a block of its own that no real token sees."""
     lengths = attention_mask.sum(-1).tolist()
     width = max(sum(lengths[b] for b in row) for row in rows)
     dev = input_ids.device
