@@ -356,12 +356,19 @@ def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
     return bins
 
 
-def pack_rows(lengths: list[int], max_widen: float = 1.25) -> list[list[int]]:
-    """The rows a packed micro-batch runs as (model.Policy.pack): first-fit decreasing into rows of width W, for
-    the W between the longest sequence and `max_widen` times it (in steps of 1%) that computes the fewest token
-    slots (rows x longest row; ties: the narrowest). sdpa computes all W x W scores of a row, masked or not (no
-    varlen kernel without flash-attn), so the bound keeps a row's attention within max_widen^2 of a padded row's,
-    while the wider rows take up what the narrowest layout leaves as padding in its rows."""
+MAX_WIDEN = 1.25  # pack_rows' bound on a row's width (times the longest sequence) without varlen attention
+
+
+def pack_rows(lengths: list[int], max_widen: float | None = None) -> list[list[int]]:
+    """The rows a packed micro-batch runs as (model.Policy.pack). `max_widen=None` (varlen attention: flash-attn's,
+    or model.varlen_sdpa_attention, the default on sdpa): one row of every sequence, in order, no padding.
+    Otherwise (an attention that computes all W x W scores of a row, masked or not): first-fit decreasing into
+    rows of width W, for the W between the longest sequence and `max_widen` times it (in steps of 1%) that
+    computes the fewest token slots (rows x longest row; ties: the narrowest); the bound keeps a row's attention
+    within max_widen^2 of a padded row's, while the wider rows take up what the narrowest layout leaves as
+    padding in its rows."""
+    if max_widen is None:
+        return [list(range(len(lengths)))]
     longest = max(lengths)
     best, best_slots, width = None, 0, longest
     while width <= max_widen * longest:
@@ -377,9 +384,9 @@ def _row_slots(rows: list[list[int]], lengths: list[int]) -> int:
     return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
 
 
-def packed_slots(lengths: list[int]) -> int:
+def packed_slots(lengths: list[int], max_widen: float | None = None) -> int:
     """Token slots a packed micro-batch computes: its rows (`pack_rows`) times the longest of them."""
-    return _row_slots(pack_rows(lengths), lengths)
+    return _row_slots(pack_rows(lengths, max_widen), lengths)
 
 
 def deal_bins(loads: list[int], world: int) -> list[list[int]]:

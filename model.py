@@ -16,8 +16,9 @@
 - Rollout sampling (generation configs, our decode loop, the top-p sampler) lives in sampling.py.
 - `Policy.dedupe_images` / `Policy.share_prefix` (opt-in): a batch's repeated images through the vision tower
   once, and its repeated prompts through the decoder once (the group's completions on a shared KV cache).
-- `Policy.pack` (opt-in, `micro_batch_tokens` > 0 in the training stages): the batch's sequences packed into a
-  few rows with block-diagonal causal attention (`pack_sequences`), no padding but what the rows' ends leave.
+- `Policy.pack` (opt-in, `micro_batch_tokens` > 0 in the training stages): the batch's sequences packed into one
+  row with no padding (`pack_sequences`), attention sequence by sequence: flash-attn's varlen path, or
+  `varlen_sdpa_attention` (causal sdpa per sequence, registered with transformers' AttentionInterface).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import inspect
 import json
 import os
 import shutil
+import weakref
 
 import torch
 import torch.nn as nn
@@ -348,22 +350,39 @@ class ChunkedLogProbs(torch.autograd.Function):
       d logp_t / dz   = onehot(t) - p
       d H / dz        = -p * (log p + H)          (H = -sum p log p)
     then d/dh = dz W / temperature and d/dW = dz^T h / temperature.
+
+    Every (chunk x V) step works in place in one buffer per call (two for the entropy's backward), allocated once
+    and reused by every chunk: on CPU a fresh block that size is new pages from the OS, and faulting them in cost
+    more than the arithmetic (a 151k vocabulary: 0.55 s for `z / t` against 0.03 s for `z.div_(t)`, 1024 rows).
+    The temperature is applied to h (N x H) rather than to the logits, and the log-sum-exp is taken in place
+    (max, subtract, exp, sum), with the entropy as log S - sum_i e_i (z_i - max) / S (e_i = exp(z_i - max),
+    S = sum_i e_i) from a row-wise dot product.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature: float, chunk_size: int, with_entropy: bool):
-        n = hidden.shape[0]
+        n, v = hidden.shape[0], weight.shape[0]
         w32 = weight.float()  # one fp32 copy of lm_head per call (a no-op in fp32 training)
+        hs = hidden.float() / temperature
         logp = hidden.new_empty(n, dtype=torch.float32)
         lse = hidden.new_empty(n, dtype=torch.float32)
         entropy = hidden.new_zeros(n, dtype=torch.float32)
+        buf = hidden.new_empty(min(n, chunk_size), v, dtype=torch.float32)
+        buf_e = torch.empty_like(buf) if with_entropy else None
         for s in range(0, n, chunk_size):
-            z = hidden[s : s + chunk_size].float() @ w32.T / temperature
-            lse[s : s + chunk_size] = z.logsumexp(-1)
-            logp[s : s + chunk_size] = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1) - lse[s : s + chunk_size]
-            if with_entropy:
-                logp_all = z - lse[s : s + chunk_size, None]
-                entropy[s : s + chunk_size] = -(logp_all.exp() * logp_all).sum(-1)
+            h = hs[s : s + chunk_size]
+            m = h.shape[0]
+            z = torch.mm(h, w32.T, out=buf[:m])  # the logits
+            picked = z.gather(1, targets[s : s + chunk_size, None]).squeeze(1)
+            top = z.amax(-1, keepdim=True)
+            z.sub_(top)
+            e = torch.exp(z, out=buf_e[:m]) if with_entropy else z.exp_()  # e_i = exp(z_i - max)
+            total = e.sum(-1, keepdim=True)  # S
+            lse[s : s + chunk_size] = (total.log() + top).squeeze(1)
+            logp[s : s + chunk_size] = picked - lse[s : s + chunk_size]
+            if with_entropy:  # H = log S - sum_i e_i (z_i - max) / S
+                dot = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).flatten()
+                entropy[s : s + chunk_size] = total.log().squeeze(1) - dot / total.squeeze(1)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         return logp, entropy
@@ -372,22 +391,31 @@ class ChunkedLogProbs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         t, cs = ctx.temperature, ctx.chunk_size
+        n, v = hidden.shape[0], weight.shape[0]
         w32 = weight.float()
+        hs = hidden.float() / t
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
-        for s in range(0, hidden.shape[0], cs):
-            h = hidden[s : s + cs].float()
-            logp_all = h @ w32.T / t - lse[s : s + cs, None]
-            p = logp_all.exp()
-            gz = p * -grad_logp[s : s + cs, None]
-            gz.scatter_add_(1, targets[s : s + cs, None], grad_logp[s : s + cs, None])
-            if ctx.with_entropy and grad_entropy is not None:
-                gz -= p * (logp_all + entropy[s : s + cs, None]) * grad_entropy[s : s + cs, None]
-            gz /= t
+        with_entropy = ctx.with_entropy and grad_entropy is not None
+        g = grad_logp.float() / t  # the 1/t of dz/dh and dz/dW, folded into the coefficients
+        ge = grad_entropy.float() / t if with_entropy else None
+        buf = hidden.new_empty(min(n, cs), v, dtype=torch.float32)
+        buf_p = torch.empty_like(buf) if with_entropy else None
+        for s in range(0, n, cs):
+            h = hs[s : s + cs]
+            m = h.shape[0]
+            logp_all = torch.mm(h, w32.T, out=buf[:m]).sub_(lse[s : s + cs, None])
+            if with_entropy:  # gz = -p * (g + ge * (log p + H)) + onehot(t) g
+                p = torch.exp(logp_all, out=buf_p[:m])
+                gz = logp_all.add_(entropy[s : s + cs, None]).mul_(ge[s : s + cs, None]).add_(g[s : s + cs, None])
+                gz.mul_(p).neg_()
+            else:  # gz = -p g + onehot(t) g
+                gz = logp_all.exp_().mul_(-g[s : s + cs, None])
+            gz.scatter_add_(1, targets[s : s + cs, None], g[s : s + cs, None])
             if grad_hidden is not None:
                 grad_hidden[s : s + cs] = (gz @ w32).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += gz.T @ h
+                grad_weight.addmm_(gz.T, hidden[s : s + cs].float())  # dz/dW = h / t: 1/t is in gz already
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
@@ -423,8 +451,9 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
     are its own 3-D M-RoPE positions (`position_ids`, (3, B, T), as `position_ids_for` computes them per row).
     With `attention_mask=None`, transformers reads row 0 (`find_packed_sequence_indices`: a new sequence wherever
     the position does not go up by 1) and builds a block-diagonal causal mask, so no token attends across a
-    sequence boundary. A row shorter than W ends in padding whose text positions restart at 0 too: a block of
-    its own that no real token sees."""
+    sequence boundary; with `NO_MASK`, varlen attention (`varlen_sdpa_attention`, flash-attn) reads the same
+    starts from row 0 and builds no mask. A row shorter than W ends in padding whose text positions restart at 0
+    too: a block of its own that no real token sees."""
     lengths = attention_mask.sum(-1).tolist()
     width = max(sum(lengths[b] for b in row) for row in rows)
     dev = input_ids.device
@@ -443,6 +472,81 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
             col += n
         pos[0, r, col:] = torch.arange(width - col, device=dev)  # trailing padding: its own block
     return ids, pos, where
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Varlen attention for packed rows without flash-attn
+
+
+VARLEN_ATTENTION = "revisual_varlen"  # the text decoder's attention once a packed forward has run (sdpa otherwise)
+# The mask mapping a packed forward hands the decoder: no (W x W) mask is built, attention reads the restarting
+# text positions instead (flash-attn's varlen path, or `varlen_sdpa_attention`).
+NO_MASK = {"full_attention": None, "sliding_attention": None}
+_SEGMENTS: dict = {}  # segment_bounds' last result and a weak reference to its positions tensor
+
+
+def segment_bounds(text_positions: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """(start, end) of each sequence in each packed row: a sequence starts wherever the text position does not
+    go up by 1 (transformers' `find_packed_sequence_indices` rule). One host sync per call; the result is kept
+    for the tensor it came from, so a forward's layers compute it once."""
+    cached = _SEGMENTS.get("key")
+    if cached is not None and cached() is text_positions:
+        return _SEGMENTS["bounds"]
+    w = text_positions.shape[-1]
+    cuts = (text_positions[:, 1:] - text_positions[:, :-1] != 1).nonzero().tolist()
+    starts: list[list[int]] = [[0] for _ in range(text_positions.shape[0])]
+    for r, c in cuts:
+        starts[r].append(c + 1)
+    bounds = [list(zip(s, s[1:] + [w])) for s in starts]
+    _SEGMENTS.update(key=weakref.ref(text_positions), bounds=bounds)
+    return bounds
+
+
+def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, except on packed rows (no mask, the text positions restarting per sequence:
+    `Policy.pack`), where each sequence runs as its own causal sdpa call: attention costs sum(len_i^2), not
+    W^2 per row, and no mask is built, so a micro-batch can be one row of up to its token budget with no padding.
+    GQA heads stay grouped (`enable_gqa`). Everything else (masks given, decode steps, 3-row positions) goes to
+    transformers' `sdpa_attention_forward` unchanged. query (B, H, W, D), key/value (B, kv, W, D) -> (B, W, H, D).
+    Registered with transformers' AttentionInterface as VARLEN_ATTENTION, with sdpa's mask function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len = query.shape[2]
+    if attention_mask is not None or position_ids is None or q_len < 2 or key.shape[2] != q_len:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_ids=position_ids, **kwargs)  # fmt: skip
+    gqa = query.shape[1] != key.shape[1]
+    rows = []
+    for r, bounds in enumerate(segment_bounds(position_ids)):
+        rows.append(torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e], dropout_p=dropout,
+                scale=scaling, is_causal=True, enable_gqa=gqa)
+            for s, e in bounds], dim=2))  # fmt: skip
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _register_varlen_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+_register_varlen_attention()
+
+
+def use_varlen_attention(model: Qwen2_5_VLForConditionalGeneration) -> bool:
+    """Whether the text decoder's attention runs packed rows sequence by sequence (flash-attn's varlen path, or
+    `varlen_sdpa_attention`); an sdpa decoder is switched to the latter here, for good (it is sdpa itself on
+    every unpacked call, and gradient checkpointing's recomputation must find the same function)."""
+    tc = model.config.text_config
+    if tc._attn_implementation == "sdpa":
+        tc._attn_implementation = VARLEN_ATTENTION
+    return tc._attn_implementation in (VARLEN_ATTENTION, "flash_attention_2")
 
 
 def cache_kwarg(model) -> str:
@@ -478,13 +582,12 @@ class Policy(nn.Module):
         # start with it (a group's n samples) attend to its KV cache (`_shared_prefix_hidden`); the plain path
         # runs under gradient checkpointing, which turns the decoder's cache off.
         self.share_prefix = False
-        # Opt-in (sft.py / grpo_mm.py `micro_batch_tokens` > 0): the batch's sequences run packed into a few rows
-        # with (almost) no padding (`_packed_hidden`, `pack_sequences`; block-diagonal causal attention built by
-        # transformers from the restarting text positions). It replaces `share_prefix` when both are on (a packed
-        # row holds each sequence whole, its prompt included); `dedupe_images` still applies. Without flash-attn
-        # (not installable on CPU, absent on the GPU nodes) sdpa gets an explicit (W x W) boolean mask per row and
-        # computes every score of a row, masked or not; the gain is in every other layer (MLP, norms, projections),
-        # which no longer run on padding, and in fewer, fuller rows.
+        # Opt-in (sft.py / grpo_mm.py `micro_batch_tokens` > 0): the batch's sequences run packed padding-free
+        # (`_packed_hidden`, `pack_sequences`: positions restarting per sequence). With flash-attn, or sdpa (the
+        # decoder is switched to `varlen_sdpa_attention`: sdpa per sequence), the micro-batch is one row with no
+        # padding and no mask; another attention gets a few rows with transformers' block-diagonal mask. It
+        # replaces `share_prefix` when both are on (a packed row holds each sequence whole, its prompt
+        # included); `dedupe_images` still applies.
         self.pack = False
 
     def dummy_vision(self) -> torch.Tensor:
@@ -570,10 +673,11 @@ class Policy(nn.Module):
                        ) -> torch.Tensor:
         """The hidden states that predict the `sel` tokens (row-major), with the batch packed padding-free.
 
-        The sequences go first-fit decreasing into a few rows about as wide as the longest sequence
-        (data.pack_rows), so a row's attention costs about what a padded row's does (sdpa computes every row's
-        full W x W scores: without flash-attn's varlen kernels, one row of all the batch's tokens costs (sum of
-        lengths)^2, and ran at 0.70x the padded path's tokens/s in bench/pack_throughput.py's first version).
+        With varlen attention (flash-attn's, or `varlen_sdpa_attention`, which an sdpa decoder is switched to:
+        `use_varlen_attention`) the whole batch is one row with no padding and no mask: attention runs sequence by
+        sequence, costing sum(len_i^2). Otherwise (an attention that computes all W x W scores of a row, e.g.
+        eager) the sequences go first-fit decreasing into a few rows about as wide as the longest sequence
+        (data.pack_rows) with a block-diagonal mask, so a row's attention costs about what a padded row's does.
         The M-RoPE positions are computed on the padded batch, per row, exactly as the plain path does; each
         sequence's images move with it (pixel_values sliced by image_grid_thw, in the packed order)."""
         import data as D
@@ -581,7 +685,8 @@ class Policy(nn.Module):
         cfg = self.model.config
         position_ids = position_ids_for(self.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
         lengths = attention_mask.sum(-1).tolist()
-        rows = D.pack_rows(lengths)
+        varlen = use_varlen_attention(self.model)
+        rows = D.pack_rows(lengths, None if varlen else D.MAX_WIDEN)
         pad = cfg.text_config.pad_token_id if cfg.text_config.pad_token_id is not None else 0
         ids, pos, where = pack_sequences(input_ids, attention_mask, position_ids, rows, pad)
         mm = (ids == cfg.image_token_id).int()  # image slots, as the collate functions mark them
@@ -594,7 +699,9 @@ class Policy(nn.Module):
             pv = torch.cat([blocks[b] for b in order])
             grid = image_grid_thw[[i for b in order for i in range(first[b], first[b] + per_seq[b])]]
         unique = dedupe_images(pv, grid) if pv is not None and self.dedupe_images else None
-        common = dict(attention_mask=None, position_ids=pos, mm_token_type_ids=mm, use_cache=False)
+        # varlen: no mask built (NO_MASK); else None, and transformers builds the block-diagonal mask from pos[0]
+        common = dict(attention_mask=NO_MASK if varlen else None, position_ids=pos, mm_token_type_ids=mm,
+                      use_cache=False)  # fmt: skip
         if unique is None:
             out = self.model.model(input_ids=ids, pixel_values=pv, image_grid_thw=grid, **common)
         else:

@@ -180,6 +180,20 @@ def filler_items(items: list[int], cfg: SFTConfig, lengths: list[int]) -> list[i
     return [min(items, key=lambda i: lengths[i])] if cfg.micro_batch_tokens > 0 else items[: cfg.micro_batch]
 
 
+def accumulation(cfg: SFTConfig, lengths: list[int], world: int) -> str:
+    """Micro-batches per rank in a step, for the start-up log: with packing the count depends on the step's
+    lengths, so it is the range over the first epoch's steps (e.g. "2-3")."""
+    counts = {len(rank_micro_batches(items, cfg.micro_batch, world, 0, lengths, cfg.micro_batch_tokens))
+              for items in epoch_steps(lengths, cfg, 0)}  # fmt: skip
+    return str(min(counts)) if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
+
+
+def epoch_steps(lengths: list[int], cfg: SFTConfig, epoch: int) -> list[list[int]]:
+    """The items of each step of an epoch (the last step takes what is left)."""
+    order = epoch_order(lengths, cfg.seed, epoch, cfg.micro_batch, cfg.group_by_length)
+    return [order[i : i + cfg.global_batch] for i in range(0, len(order), cfg.global_batch)]
+
+
 def computed_tokens(micro_batches: list[list[int]], lengths: list[int], packed: bool) -> int:
     """Token slots a forward computes over these micro-batches: one row per sequence as long as the longest
     (padded), or the rows of data.pack_rows (packed)."""
@@ -349,11 +363,10 @@ def train(cfg: SFTConfig) -> str:
     n = len(train_ex)
     steps_per_epoch = math.ceil(n / cfg.global_batch)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
-    accum = math.ceil(math.ceil(min(cfg.global_batch, n) / cfg.micro_batch) / d.world)
     micro = f"{cfg.micro_batch_tokens} tokens (packed)" if cfg.micro_batch_tokens else str(cfg.micro_batch)
     log.info("%d train records (%d with images), %d eval; %d steps (%d per epoch), global batch %d = %d ranks x "
              "%s micro-batches x %s; mode %s, bf16 %s", n, sum(e.prompt.pixel_values is not None for e in train_ex),
-             len(eval_ex), total, steps_per_epoch, cfg.global_batch, d.world, "?" if cfg.micro_batch_tokens else accum,
+             len(eval_ex), total, steps_per_epoch, cfg.global_batch, d.world, accumulation(cfg, lengths, d.world),
              micro, mode, bf16)
 
     # Model, optimizer

@@ -5,9 +5,12 @@ sequences, two ways:
   padded: micro-batches of `--micro_batch` sequences in a random order (what the GRPO update does with its
           shuffled kept sequences, and SFT without length grouping), right-padded to the longest;
   packed: data.pack_by_tokens (first-fit decreasing) into micro-batches of at most `budget` tokens, each run
-          packed (model.Policy.pack: a few rows about as wide as the longest sequence, data.pack_rows); budget
-          = the largest whose micro-batches hold no more token slots (rows x width) than the padded path's
-          largest, so both paths hold about the same activations at their peak.
+          packed (model.Policy.pack: one row with no padding, attention sequence by sequence through
+          model.varlen_sdpa_attention); budget = the largest whose micro-batches hold no more token slots than
+          the padded path's largest (rows x width), so both paths hold about the same activations at their peak.
+Peak memory is measured in bytes too: the process's peak resident set (VmHWM, reset before each pass through
+/proc/self/clear_refs) above its resident set at the pass's start, with MALLOC_MMAP_THRESHOLD_=65536 (set by
+re-running the script) so that freed large tensors go back to the OS and the peak is the pass's own.
 Sequences: prompts of the synthetic task (half with an image) + completions of log-normal length (median
 `--median` tokens, sigma `--spread`, clipped to [8, --max_completion]): a few long ones among many short ones, as RL completions
 and reasoning traces are. The two paths alternate `--repeats` times; the medians are reported.
@@ -15,13 +18,17 @@ and reasoning traces are. The two paths alternate `--repeats` times; the medians
     python bench/pack_throughput.py                 # tiny-qwen (151k vocabulary), 48 sequences, 3 repeats
     python bench/pack_throughput.py --model tiny    # the 768-token vocabulary: the decoder dominates
 Prints per path: micro-batches, padding fraction (padding slots / computed slots), peak token slots of one
-micro-batch, seconds per pass, tokens/s (real prompt + completion tokens per second); then the packed path's
-budget fill; the last line is the tokens/s ratio packed / padded.
+micro-batch, peak memory of a pass (MiB above its start, the largest over the runs), seconds per pass (wall;
+the process's CPU seconds beside them, less sensitive to other jobs on a shared machine), tokens/s (real
+prompt + completion tokens per wall second); then the packed path's budget fill; the last lines are the
+tokens/s ratio packed / padded (and the same by CPU time, and by each path's fastest run: other jobs only add
+time, so the fastest run is the nearest to an idle machine) and the peak-memory ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -33,7 +40,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def main() -> None:
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536" and os.path.exists("/proc/self/clear_refs"):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny-qwen")
     ap.add_argument("--n", type=int, default=48, help="sequences")
@@ -71,9 +85,11 @@ def main() -> None:
     lengths = [len(p.input_ids) + len(c) for p, c in zip(prompts, completions)]
     real = sum(lengths)
 
+    widen = None if M.use_varlen_attention(model) else D.MAX_WIDEN  # one row per micro-batch with varlen
+
     def slots(mb: list[int], pack: bool) -> int:  # token slots one micro-batch computes (its rows x width)
         ls = [lengths[i] for i in mb]
-        return D.packed_slots(ls) if pack else len(ls) * max(ls)
+        return D.packed_slots(ls, widen) if pack else len(ls) * max(ls)
 
     padded = [order[s : s + args.micro_batch] for s in range(0, len(order), args.micro_batch)]
     slots_padded = [slots(mb, False) for mb in padded]
@@ -86,37 +102,55 @@ def main() -> None:
     plans = {"padded": (padded, False, slots_padded), "packed": (packed, True, slots_packed)}
     targets = sum(len(c) for c in completions)
 
-    def one_pass(micro_batches, pack: bool) -> float:
+    def one_pass(micro_batches, pack: bool) -> tuple[float, float, float]:
+        """(wall seconds, CPU seconds of the process, peak MiB above the pass's start)"""
         policy.pack = pack
-        t0 = time.perf_counter()
+        gc.collect()
+        if os.path.exists("/proc/self/clear_refs"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+        start_kib = _status_kib("VmRSS")
+        t0, c0 = time.perf_counter(), time.process_time()
         for mb in micro_batches:
             b = D.collate_sequences([prompts[i] for i in mb], [completions[i] for i in mb], tok.pad_token_id,
                                     model.config.image_token_id)
             logp, _ = policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"],
                              b["image_grid_thw"], b["mm_token_type_ids"])
             (-(logp * b["target_mask"]).sum() / targets).backward()  # the token mean over the whole set
+        sec, cpu = time.perf_counter() - t0, time.process_time() - c0
+        peak_mib = (_status_kib("VmHWM") - start_kib) / 1024
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return sec, cpu, peak_mib
 
     print(f"model {args.model}, {len(prompts)} sequences ({sum(p.pixel_values is not None for p in prompts)} with an "
           f"image), {real} tokens; completions {min(lengths_c)}..{max(lengths_c)} tokens (median "
           f"{statistics.median(lengths_c):.0f}), sequences {min(lengths)}..{max(lengths)}; {args.threads} threads")
     one_pass(packed[:1], True)  # warm-up (allocator, first-call costs)
     one_pass(padded[:1], False)
-    times = {k: [] for k in plans}
+    times, cpus, peaks = {k: [] for k in plans}, {k: [] for k in plans}, {k: [] for k in plans}
     for _ in range(args.repeats):
         for name, (mbs, pack, _) in plans.items():
-            times[name].append(one_pass(mbs, pack))
+            sec, cpu, mib = one_pass(mbs, pack)
+            times[name].append(sec)
+            cpus[name].append(cpu)
+            peaks[name].append(mib)
     result = {}
     for name, (mbs, _, slots) in plans.items():
         sec = statistics.median(times[name])
         result[name] = {"micro_batches": len(mbs), "pad_frac": 1 - real / sum(slots), "peak_slots": max(slots),
-                        "s": sec, "tokens_per_s": real / sec}
+                        "peak_mib": max(peaks[name]), "s": sec, "tokens_per_s": real / sec,
+                        "cpu_s": statistics.median(cpus[name]), "best_s": min(times[name])}
         print(f"{name:>7}: {len(mbs):3d} micro-batches, padding fraction {result[name]['pad_frac']:.3f}, peak "
-              f"{max(slots)} token slots, {sec:.2f} s per pass (runs {', '.join(f'{t:.2f}' for t in times[name])}), "
+              f"{max(slots)} token slots, peak {max(peaks[name]):.0f} MiB, {sec:.2f} s per pass (runs "
+              f"{', '.join(f'{t:.2f}' for t in times[name])}; CPU s {', '.join(f'{t:.2f}' for t in cpus[name])}), "
               f"{real / sec:.0f} tokens/s")
-    layout = [f"{len(D.pack_rows([lengths[i] for i in b]))}x{D.packed_slots([lengths[i] for i in b]) // len(D.pack_rows([lengths[i] for i in b]))}"
-              f" ({sum(lengths[i] for i in b)} tokens)" for b in packed]
+
+    def rows(b: list[int]) -> str:
+        ls = [lengths[i] for i in b]
+        n = len(D.pack_rows(ls, widen))
+        return f"{n}x{D.packed_slots(ls, widen) // n} ({sum(ls)} tokens)"
+
+    layout = [rows(b) for b in packed]
     print(f"packed rows per micro-batch (rows x width): {', '.join(layout)}")
     fill = real / (len(packed) * budget)
     print(f"packed micro-batches: budget {budget} tokens, filled {fill:.3f} on average ({math.ceil(real / budget)} "
@@ -124,7 +158,10 @@ def main() -> None:
     ratio = result["packed"]["tokens_per_s"] / result["padded"]["tokens_per_s"]
     print(json.dumps({"model": args.model, "n": len(prompts), "budget": budget, **{f"{k}_{m}": round(v, 4) for k in
                       result for m, v in result[k].items()}}))
-    print(f"tokens/s packed / padded: {ratio:.2f}")
+    print(f"tokens/s packed / padded: {ratio:.2f} (by CPU time: "
+          f"{result['padded']['cpu_s'] / result['packed']['cpu_s']:.2f}; by each path's fastest run: "
+          f"{result['padded']['best_s'] / result['packed']['best_s']:.2f})")
+    print(f"peak memory packed / padded: {result['packed']['peak_mib'] / result['padded']['peak_mib']:.2f}")
 
 
 if __name__ == "__main__":

@@ -81,18 +81,23 @@ def test_packed_positions_are_each_sequence_alone(tiny, synth_dir):
         assert torch.equal(seq_of, torch.cat([want, tail])), (r, seq_of)
 
 
-@pytest.mark.parametrize("dedupe", [False, True])
-def test_packed_forward_matches_padded(synth_dir, dedupe):
+@pytest.mark.parametrize("dedupe,attention", [(False, "sdpa"), (True, "sdpa"), (False, "eager")])
+def test_packed_forward_matches_padded(synth_dir, dedupe, attention):
     """Per-token log-probs, entropies and every gradient of the packed forward equal the padded forward's
-    (images, up to four sequences in a row, 1 to 400 completion tokens)."""
+    (images, up to six sequences in a row, 1 to 400 completion tokens). sdpa: the packed forward switches the
+    decoder to model.varlen_sdpa_attention and runs one row of all six sequences; eager (no varlen attention):
+    rows about as wide as the longest sequence with a block-diagonal mask."""
     model, processor = M.load_model("tiny", seed=0)
+    model.set_attn_implementation(attention)
     policy = M.Policy(model)
     policy.dedupe_images = dedupe
     batch = _batch(synth_dir, processor, model.config.image_token_id)
-    # the premise: the Policy packs the six sequences into two rows (of 625 and 581 tokens), and the images
-    # (of sequences 0, 2, 3, 5) come out in another order (3, 5, 0, 2), so they must move with their sequences
+    # the premise: without varlen attention the Policy packs the six sequences into two rows (of 625 and 581
+    # tokens), and the images (of sequences 0, 2, 3, 5) come out in another order (3, 5, 0, 2), so they must
+    # move with their sequences
     lengths = batch["attention_mask"].sum(-1).tolist()
-    assert D.pack_rows(lengths) == [[1, 4], [3, 5, 0, 2]]
+    assert D.pack_rows(lengths, D.MAX_WIDEN) == [[1, 4], [3, 5, 0, 2]]
+    assert D.pack_rows(lengths) == [list(range(6))]
     padded = _logp_and_grads(policy, batch)
     policy.pack = True
     packed = _logp_and_grads(policy, batch)
@@ -104,6 +109,61 @@ def test_packed_forward_matches_padded(synth_dir, dedupe):
     assert packed[2].keys() == padded[2].keys() and len(padded[2]) == len(list(model.parameters()))
     for k, g in padded[2].items():
         assert (packed[2][k] - g).norm() <= RTOL_GRAD * g.norm(), k
+    assert model.config.text_config._attn_implementation == (M.VARLEN_ATTENTION if attention == "sdpa" else "eager")
+
+
+def test_varlen_attention_on_several_rows_matches_the_block_mask(synth_dir):
+    """model.varlen_sdpa_attention on rows of several sequences (one row ending in padding, no mask built) gives
+    the hidden states of transformers' sdpa with the block-diagonal mask it builds from the same positions."""
+    model, processor = M.load_model("tiny", seed=0)
+    batch = _batch(synth_dir, processor, model.config.image_token_id)
+    pos = M.position_ids_for(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+                             batch["mm_token_type_ids"])
+    ids, packed, where = M.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, ROWS)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    bounds = M.segment_bounds(packed[0])
+    want = [[lengths[b] for b in row] for row in ROWS]
+    want = [w + ([ids.shape[1] - sum(w)] if sum(w) < ids.shape[1] else []) for w in want]  # padding: a segment
+    assert [[e - s for s, e in row] for row in bounds] == want
+    run = dict(input_ids=ids, position_ids=packed, mm_token_type_ids=(ids == model.config.image_token_id).int(),
+               pixel_values=batch["pixel_values"], use_cache=False)
+    order = [b for row in ROWS for b in row]  # images in the packed order of their sequences
+    per_seq = (batch["input_ids"] == model.config.vision_start_token_id).sum(-1).tolist()
+    blocks = D.slice_pixel_values(batch["pixel_values"], batch["image_grid_thw"], per_seq)
+    first = [sum(per_seq[:b]) for b in range(len(per_seq))]
+    run["pixel_values"] = torch.cat([blocks[b] for b in order])
+    run["image_grid_thw"] = batch["image_grid_thw"][[i for b in order for i in range(first[b], first[b] + per_seq[b])]]
+    with torch.no_grad():
+        masked = model.model(attention_mask=None, **run).last_hidden_state.flatten(0, 1)
+        assert M.use_varlen_attention(model)
+        varlen = model.model(attention_mask=M.NO_MASK, **run).last_hidden_state.flatten(0, 1)
+    real = where[where >= 0]
+    assert torch.allclose(varlen[real], masked[real], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_gradient_checkpointing_and_bf16(synth_dir):
+    """The packed forward under gradient checkpointing gives the gradients it gives without (the recomputation
+    runs the same varlen attention), and under bf16 autocast it runs with finite log-probs and gradients close
+    to fp32's (the logits stay fp32; bf16 rounding in the decoder only)."""
+    model, processor = M.load_model("tiny", seed=0)
+    policy = M.Policy(model)
+    policy.pack = True
+    batch = _batch(synth_dir, processor, model.config.image_token_id)
+    plain = _logp_and_grads(policy, batch)
+    M.set_gradient_checkpointing(model, True)
+    assert M.is_gradient_checkpointing(model)
+    ckpt = _logp_and_grads(policy, batch)
+    M.set_gradient_checkpointing(model, False)
+    assert torch.allclose(ckpt[0], plain[0], rtol=1e-6, atol=0)
+    for k, g in plain[2].items():
+        assert (ckpt[2][k] - g).norm() <= 1e-6 * g.norm(), k
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _logp_and_grads(policy, batch)
+    sel = plain[0] != 0
+    assert torch.isfinite(bf16[0]).all() and torch.equal(bf16[0] != 0, sel)
+    assert (bf16[0][sel] - plain[0][sel]).abs().max() < 0.05  # log-probs near -6.6 (tiny's 768 tokens)
+    for k, g in plain[2].items():
+        assert torch.isfinite(bf16[2][k]).all() and (bf16[2][k] - g).norm() <= 0.1 * g.norm(), k
 
 
 def test_packing_without_restarting_positions_leaks_across_sequences(tiny, synth_dir):
@@ -369,3 +429,16 @@ def test_grpo_update_packed_matches_padded_one_process(synth_dir):
     from test_grpo_dist import _compare_states  # moved by more than 2e-5, equal within atol 1e-5, rtol 1e-4
 
     _compare_states(g_sd, w_sd, M.Policy(M.build_tiny("tiny", seed=0)[0]).state_dict(), "packed vs padded")
+
+
+def test_sft_start_up_log_counts_packed_micro_batches():
+    """sft's start-up log states the micro-batches per rank per step; with packing, their range over the first
+    epoch (here the steps hold 290, 1650 and 900 tokens: 1, 2 and 1 micro-batches of at most 1000 tokens)."""
+    import dataclasses
+
+    lengths = [100, 900, 50, 60, 400, 30, 20, 700, 500, 80]
+    cfg = sft.SFTConfig(global_batch=4, micro_batch=2)
+    assert [sum(lengths[i] for i in s) for s in sft.epoch_steps(lengths, cfg, 0)] == [290, 1650, 900]
+    assert sft.accumulation(cfg, lengths, 1) == "1-2"  # the last step holds 2 sequences
+    packed = dataclasses.replace(cfg, micro_batch_tokens=1000)
+    assert sft.accumulation(packed, lengths, 1) == "1-2" and sft.accumulation(packed, lengths, 2) == "1"
