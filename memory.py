@@ -102,7 +102,8 @@ class Run:
     grad_ckpt: bool = True
     rows: int = 4  # sequences per training micro-batch
     width: int = 16384  # tokens per row (the padded width)
-    padded: bool = True  # an attention mask is built (rows of different lengths, or packed rows)
+    padded: bool = True  # an attention mask is built (rows of different lengths)
+    packed: bool = False  # one packed row, attention sequence by sequence (micro_batch_tokens > 0)
     targets: int = 32768  # tokens through lm_head per micro-batch
     patches: int = 0  # vision patches per micro-batch (before the 2 x 2 merge)
     chunk: int = 1024  # Policy.chunk_size: tokens per fp32 logit block
@@ -122,13 +123,19 @@ def _bytes(precision: str) -> tuple[int, int]:
     return {"fp32": (4, 4), "autocast": (2, 4), "bf16": (2, 2)}[precision]
 
 
-def layer_activations(hidden: int, mlp: int, kv_dim: int, precision: str, padded: bool, width: int) -> float:
-    """Bytes one decoder layer saves for backward per token (see the module docstring)."""
+def layer_activations(
+    hidden: int, mlp: int, kv_dim: int, precision: str, padded: bool, width: int, varlen: bool = False
+) -> float:
+    """Bytes one decoder layer saves for backward per token (see the module docstring). `varlen`: a packed row
+    through model.varlen_sdpa_attention (no mask, GQA kept; each sequence's own output, then their
+    concatenation for o_proj: one more (tokens x H))."""
     c, _ = _bytes(precision)
     norms = {"fp32": 24 * hidden, "bf16": 16 * hidden, "autocast": 26 * hidden}[precision]
     attention = c * (2 * hidden + 2 * kv_dim)
     if padded:
         attention += 2 * c * (hidden - kv_dim) + c * width
+    if varlen:
+        attention += c * hidden
     return norms + attention + 4 * c * mlp
 
 
@@ -171,7 +178,7 @@ def training_phase(a: Arch, run: Run) -> dict[str, float]:
     if run.fsdp is False and run.world > 1:
         out["DDP gradient buckets"] = 4 * trainable
     tokens = run.rows * run.width
-    per_layer = layer_activations(a.hidden, a.mlp, a.kv_dim, run.precision, run.padded, run.width)
+    per_layer = layer_activations(a.hidden, a.mlp, a.kv_dim, run.precision, run.padded, run.width, run.packed)
     vis_layer = layer_activations(a.vis_hidden, a.vis_mlp, a.vis_hidden, run.precision, False, 0)
     if run.grad_ckpt:
         saved = tokens * r * a.hidden * a.layers + run.patches * r * a.vis_hidden * a.vis_depth
@@ -189,13 +196,13 @@ def training_phase(a: Arch, run: Run) -> dict[str, float]:
     if run.padded:
         out["attention mask (bool)"] = run.rows * run.width * run.width
     # model.ChunkedLogProbs' backward: an fp32 gradient for lm_head (and an fp32 copy of a bf16 lm_head, and the
-    # bf16 cast of that gradient), and ~5 fp32 (chunk x V) blocks: logits, probabilities, their gradient and two
-    # entropy terms. It runs first in backward, while every saved activation is still alive.
+    # bf16 cast of that gradient), its (chunk x V) fp32 buffer (a second one for the entropy's terms), reused by
+    # every chunk, and the selected hidden states in fp32 plus their gradient. It runs first in backward, while
+    # every saved activation is still alive.
     chunk = min(run.chunk, run.targets)
     lm = a.vocab * a.hidden
-    logprob = (
-        4 * lm + (6 * lm if c == 2 and run.fsdp else 0) + (5 if run.entropy else 3) * chunk * a.vocab * 4
-    )
+    blocks = (2 if run.entropy else 1) * chunk * a.vocab * 4
+    logprob = 4 * lm + (6 * lm if c == 2 and run.fsdp else 0) + blocks + run.targets * a.hidden * (4 + c)
     # the backward peak: the log-prob pass, or (checkpointed) one layer recomputed with its gradients
     if logprob >= recompute:
         out["log-prob backward (lm_head grad + fp32 logit blocks)"] = logprob
@@ -313,9 +320,10 @@ def run_from_config(cfg: dict, world: int, device: str = "cuda", patches_per_ima
         run.prefill_patches = run.prefill_rows * patches_per_image
         run.val_rows = int(cfg.get("rollout_micro_batch", 16)) * n if cfg.get("eval_data") else 0
     run.patches = run.rows * patches_per_image
-    if budget > 0:  # packed: the budget's tokens in rows (a block-diagonal mask)
+    if budget > 0:  # packed: the budget's tokens in one row, no mask (varlen attention)
         run.rows, run.width, run.targets = 1, budget, budget
-    run.padded = run.rows > 1 or budget > 0
+    run.packed = budget > 0
+    run.padded = run.rows > 1 and not run.packed
     return run
 
 

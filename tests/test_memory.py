@@ -148,7 +148,7 @@ def test_memory_model_within_25_percent_of_a_measured_grpo_run(tmp_path, ckpt_on
 
 def test_run_from_config_reads_the_worst_case_and_packing():
     """The config -> Run mapping, by hand: micro-batch rows x (prompt + completion), slots = rollout_micro_batch x
-    group_size, prefill = the prompts of one admission; packing: one budget-wide row."""
+    group_size, prefill = the prompts of one admission; packing: one budget-wide row without a mask."""
     import memory
 
     cfg = {
@@ -165,7 +165,7 @@ def test_run_from_config_reads_the_worst_case_and_packing():
     assert (run.rows, run.width, run.targets, run.precision, run.fsdp) == (4, 16384, 4 * 8192, "bf16", True)
     assert (run.slots, run.kv_len, run.prefill_rows, run.patches) == (16, 16384, 2, 4 * (4194304 // 196))
     packed = memory.run_from_config(dict(cfg, micro_batch_tokens=20000), world=8)
-    assert (packed.rows, packed.width, packed.padded) == (1, 20000, True)
+    assert (packed.rows, packed.width, packed.padded, packed.packed) == (1, 20000, False, True)
     assert memory.run_from_config(dict(cfg, bf16=False), world=1).precision == "fp32"
     assert memory.run_from_config(cfg, world=1).precision == "autocast"
 
