@@ -104,6 +104,8 @@ def measured_and_predicted(tmp_path, ckpt_on: bool, vocab: int, nproc: int, micr
         "max_pixels": 112 * 112,
     }
     # max_pixels: the synthetic images' largest (the config's worst case is then the run's)
+    if nproc == 1:  # in-loop validation at the end (greedy, 8 prompts per generate call): its peak too
+        flags.update(eval_data=data, eval_limit=8)
     launch = [sys.executable, "grpo_mm.py"]
     if nproc > 1:  # the README's torchrun line (+ a free port): FSDP2 over the ranks, rank 0's peaks logged
         launch = [*torchrun(nproc), "grpo_mm.py"]
@@ -121,10 +123,14 @@ def measured_and_predicted(tmp_path, ckpt_on: bool, vocab: int, nproc: int, micr
     arch = memory.arch_for(ckpt)
     predicted = {k: sum(v.values()) / 2**20 for k, v in memory.phases(arch, run).items()}
     print(memory.report(arch, run, f"gradient checkpointing {ckpt_on}"))
-    return {"rollout": last["mem_rollout_mb"], "update": last["mem_update_mb"]}, {
+    measured = {"rollout": last["mem_rollout_mb"], "update": last["mem_update_mb"]}
+    expected = {
         "rollout": predicted["rollout"],
         "update": max(predicted["update (forward + backward)"], predicted["optimizer step"]),
     }
+    if "eval_data" in flags:
+        measured["validation"], expected["validation"] = last["mem_validation_mb"], predicted["validation"]
+    return measured, expected
 
 
 # One process, checkpointed, a 4k vocabulary: one layer's recomputation and backward (not the log-prob blocks) is
@@ -138,7 +144,8 @@ def measured_and_predicted(tmp_path, ckpt_on: bool, vocab: int, nproc: int, micr
 )
 def test_memory_model_within_25_percent_of_a_measured_grpo_run(tmp_path, ckpt_on, vocab, nproc, micro):
     measured, predicted = measured_and_predicted(tmp_path, ckpt_on, vocab, nproc, micro)
-    for phase in ("rollout", "update"):
+    assert set(measured) == ({"rollout", "update", "validation"} if nproc == 1 else {"rollout", "update"})
+    for phase in measured:
         ratio = predicted[phase] / measured[phase]
         print(
             f"{phase}: measured {measured[phase]:.0f} MB, predicted {predicted[phase]:.0f} MB (x{ratio:.2f})"
