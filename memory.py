@@ -10,10 +10,12 @@ Options: --world N (ranks; default 8), --device cuda|cpu (cpu: no foreach AdamW 
 so; tiny / tiny-qwen are built). The model's parameters are counted exactly (the architecture built on the meta
 device); everything else is a formula below, each term named after the tensor it counts.
 
-What it is checked against (tests/test_memory.py): on CPU, `python grpo_mm.py` logs each phase's measured peak
-(`mem_rollout_mb`, `mem_update_mb` in metrics.jsonl: peak resident memory above the process's memory before the
-model was loaded) and the test holds the model's prediction for the same run within 25%, with and without
-gradient checkpointing. On a GPU, bench/gpu.sh compares it with torch.cuda.max_memory_allocated for a 3B update.
+What it is checked against (tests/test_memory.py): on CPU, `python grpo_mm.py` and `torchrun --nproc_per_node 2
+grpo_mm.py` log each phase's measured peak (`mem_rollout_mb`, `mem_update_mb`, `mem_validation_mb` in
+metrics.jsonl: peak resident memory above the process's memory before the model was loaded) and the test holds
+the model's prediction for the same run within 25%: one process with gradient checkpointing, FSDP2 x2 without.
+sft.py logs `mem_step_mb`. On a GPU, bench/gpu.sh compares it with torch.cuda.max_memory_allocated for a 3B
+update and a 7B rollout call.
 
 Activations per decoder layer and token, saved for backward (read off autograd's saved tensors for
 transformers 5.24's Qwen2.5-VL decoder layer; H hidden, I MLP width, K = kv_heads x head_dim, c bytes of the
