@@ -167,7 +167,6 @@ def training_phase(a: Arch, run: Run) -> dict[str, float]:
     """Bytes per rank at the peak of a training micro-batch's forward + backward (after the first micro-batch of
     an optimizer step, when every gradient exists)."""
     c, r = _bytes(run.precision)
-    trainable = a.params - (0 if run.vision_trainable else a.params_vision)
     out = resident(a, run, gradients=True)
     # FSDP2: the root unit stays gathered from forward to the end of backward; one layer in use, one prefetched
     if run.fsdp:
@@ -177,8 +176,8 @@ def training_phase(a: Arch, run: Run) -> dict[str, float]:
         )
     elif run.precision == "autocast":  # autocast keeps a bf16 copy of every weight it cast until backward
         out["autocast bf16 weight copies"] = 2 * a.params
-    if run.fsdp is False and run.world > 1:
-        out["DDP gradient buckets"] = 4 * trainable
+    if not run.fsdp and run.world > 1:  # DDP's buckets: a second copy of the (whole) gradients
+        out["DDP gradient buckets"] = out["gradients (fp32)"]
     tokens = run.rows * run.width
     per_layer = layer_activations(a.hidden, a.mlp, a.kv_dim, run.precision, run.padded, run.width, run.packed)
     vis_layer = layer_activations(a.vis_hidden, a.vis_mlp, a.vis_hidden, run.precision, False, 0)
@@ -216,19 +215,16 @@ def training_phase(a: Arch, run: Run) -> dict[str, float]:
 def step_phase(a: Arch, run: Run) -> dict[str, float]:
     """The optimizer step: AdamW's foreach path (CUDA) holds one temporary the size of every local parameter
     (sqrt of exp_avg_sq); the single-tensor path (CPU) two of the largest tensor."""
-    w = run.world if run.fsdp else 1
-    trainable = a.params - (0 if run.vision_trainable else a.params_vision)
     out = resident(a, run, gradients=True)
-    out["AdamW temporaries"] = 4 * trainable / w if run.device == "cuda" else 8 * a.largest
+    out["AdamW temporaries"] = out["gradients (fp32)"] if run.device == "cuda" else 8 * a.largest
     return out
 
 
 def generation_phase(a: Arch, run: Run, slots: int, prefill_rows: int, prefill_len: int) -> dict[str, float]:
     """engine.generate with `slots` decode slots, inside a training run: the resident training state (gradients
     freed after the step), the weights it generates with (FSDP2: every unit gathered in bf16), and `engine_parts`."""
-    g = (
-        2 if run.fsdp and run.precision == "bf16" else 4
-    )  # bytes of the weights it runs: gathered bf16, or fp32
+    # bytes of the weights it runs with: the units gathered in bf16 (FSDP2), or the fp32 weights themselves
+    g = 2 if run.fsdp and run.precision == "bf16" else 4
     out = resident(a, run, gradients=False)
     if run.fsdp:
         out["gathered weights for generation"] = g * a.params
@@ -352,7 +348,7 @@ def report(a: Arch, run: Run, name: str = "") -> str:
     ]
     for phase, parts in phases(a, run).items():
         lines.append(
-            f"  {phase}: {sum(parts.values()) / GB:.1f} GB per {run.device == 'cuda' and 'GPU' or 'process'}"
+            f"  {phase}: {sum(parts.values()) / GB:.1f} GB per {'GPU' if run.device == 'cuda' else 'process'}"
         )
         lines += [f"    {k:<58} {v / GB:7.2f} GB" for k, v in parts.items() if v >= 0.005 * GB]
     other = dataclasses.replace(run, grad_ckpt=not run.grad_ckpt)
@@ -381,9 +377,13 @@ def main(argv: list[str] | None = None) -> None:
 
     with open(args.config) as f:
         cfg = yaml.safe_load(f) or {}
-    for item in rest:  # --key=value or --key value overrides, as the stages take them
-        key, _, value = item.removeprefix("--").partition("=")
-        cfg[key] = yaml.safe_load(value) if value else True
+    while rest:  # --key=value or --key value overrides, as the stages take them
+        key, eq, value = rest.pop(0).removeprefix("--").partition("=")
+        if not eq:
+            if not rest:
+                ap.error(f"--{key} needs a value")
+            value = rest.pop(0)
+        cfg[key] = yaml.safe_load(value)
     a = arch_for(str(cfg.get("model", "7b")), args.arch)
     print(report(a, run_from_config(cfg, args.world, args.device), os.path.basename(args.config)))
 
