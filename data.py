@@ -360,8 +360,8 @@ MAX_WIDEN = 1.25  # pack_rows' bound on a row's width (times the longest sequenc
 
 
 def pack_rows(lengths: list[int], max_widen: float | None = None) -> list[list[int]]:
-    """The rows a packed micro-batch runs as (model.Policy.pack). `max_widen=None` (varlen attention: flash-attn's,
-    or model.varlen_sdpa_attention, the default on sdpa): one row of every sequence, in order, no padding.
+    """The rows a packed micro-batch runs as (policy.Policy.pack). `max_widen=None` (varlen attention: flash-attn's,
+    or policy.varlen_sdpa_attention, the default on sdpa): one row of every sequence, in order, no padding.
     Otherwise (an attention that computes all W x W scores of a row, masked or not): first-fit decreasing into
     rows of width W, for the W between the longest sequence and `max_widen` times it (in steps of 1%) that
     computes the fewest token slots (rows x longest row; ties: the narrowest); the bound keeps a row's attention

@@ -151,7 +151,7 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
                      slots: int = 0) -> dict:  # fmt: skip
     """Generate `samples` responses per record and grade them (reward.grade, a stated final answer counts).
 
-    `model` may be an HF model or a (possibly FSDP-sharded) model.Policy: every rank must call, with the same
+    `model` may be an HF model or a (possibly FSDP-sharded) policy.Policy: every rank must call, with the same
     records. Whole batches are sharded over ranks and the rows gathered on every rank. Returns
     {"accuracy", "format", "resp_len" (mean completion tokens incl. EOS), "truncated", "n" (items),
     "responses": the rows (dicts with id, sample, response, extracted, correct, truncated, num_tokens)}.

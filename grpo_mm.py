@@ -11,7 +11,7 @@ One rollout step:
   2. reward = w_acc * acc + w_fmt * format + w_len * R_len      (R_len: Eq. 5-6, reward.length_reward);
   3. group advantages A_i = (r_i - mean_g) / (std_g + 1e-6)      (GRPO; unbiased std as the released code);
   4. PAD (Algorithm 1) picks the sequences to train on, the same choice on every rank;
-  5. ceil(k' / mini_batch) AdamW updates per ppo epoch on the token-level clipped loss (`policy_loss`)
+  5. ceil(k' / mini_batch) AdamW updates per ppo epoch on the token-level clipped loss (`grpo.policy_loss`)
      + kl_coef * k3 KL - beta_t * entropy, averaged over the global token count of each mini-batch.
 
 Where this departs from the paper (PAPER.md lists the sources):
@@ -28,7 +28,7 @@ Where this departs from the paper (PAPER.md lists the sources):
   - Truncated completions are graded as they are and kept in the loss (`truncation="keep"`); "mask" leaves
     them out of the update (they still count in their group's advantage).
   - `micro_batch_tokens` > 0 (default 0: off): the update's micro-batches are packed by tokens (prompt +
-    completion, first-fit decreasing, balanced over ranks) and run padding-free (model.Policy.pack), in place
+    completion, first-fit decreasing, balanced over ranks) and run padding-free (policy.Policy.pack), in place
     of `micro_batch` sequences with the group's prompt shared (`share_prefix`); the loss is unchanged.
 Launch: `python grpo_mm.py --key=value ...` (one CPU) or `torchrun --nproc_per_node 8 grpo_mm.py --config
 configs/grpo_mm_7b.yaml`. grpo_text.py runs this same loop with text data and the vision tower frozen.
@@ -47,7 +47,9 @@ from tqdm import tqdm
 import common as C
 import data as D
 import engine as E
+import grpo
 import model as M
+import policy as P
 import reward as R
 import sampling as S
 import sharding as SH
@@ -128,111 +130,6 @@ class GRPOConfig:
     dist_timeout_min: int = 180  # collective timeout (minutes): above the worst skew of a long rollout step
     stage: str = "grpo_mm"  # recorded in final/revisual.json
     wandb_project: str = ""  # log to Weights & Biases when set and wandb imports
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The algorithm as functions of tensors
-
-
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """rewards (P, n) -> advantages (P, n): A_i = (r_i - mean_g) / (std_g + eps), std unbiased (over n - 1).
-    A group whose rewards are all equal gives zeros."""
-    mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, unbiased=True, keepdim=True)
-    return (rewards - mean) / (std + eps)
-
-
-def pad_tau(step: int, max_steps: int, start: float = 1.0, end: float = 0.3) -> float:
-    """PAD temperature, linear from `start` at step 0 to `end` at the last step (Algorithm 1, step 5)."""
-    frac = step / max(1, max_steps - 1)
-    return start + (end - start) * min(1.0, frac)
-
-
-def pad_select(adv: torch.Tensor, mode: str, t_low: float, t_high: float, tau: float, rho: float,
-               generator: torch.Generator, eligible: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, int, torch.Tensor]:  # fmt: skip
-    """Prioritized Advantage Distillation. adv (N,) -> (times_drawn (N,) long, |E|, the draws in order).
-
-    paper (Algorithm 1): E = {i : t_low <= |A_i| <= t_high}; P(i) = softmax(|A_i| / tau) over E;
-      k' = min(ceil(rho N), |E|) draws without replacement. E empty -> nothing is trained.
-    released: E = {0.03 < |A| < 0.97} (strict, bounds fixed), P ~ (|A| + 1e-8)^1.5, ceil(1.5 N) draws with
-      replacement; E empty -> the whole batch once.
-    filter: all of E once (the zero-advantage filter). off: every sequence once (plain GRPO; |E| = N).
-    `eligible` (N,) bool removes sequences before selection (truncation="mask").
-    """
-    n = adv.numel()
-    a = adv.abs()  # compared in its own dtype: a float32 0.03 stays inside [0.03, ...]
-    ok = torch.ones(n, dtype=torch.bool) if eligible is None else eligible.bool()
-    drawn = torch.zeros(n, dtype=torch.long)
-    if mode == "off":  # |E| is N by definition (CONTRACT), also when truncation="mask" trains fewer
-        drawn[ok] = 1
-        return drawn, n, ok.nonzero().flatten()
-    if mode == "released":
-        in_e = ok & (a > 0.03) & (a < 0.97)
-    else:
-        in_e = ok & (a >= t_low) & (a <= t_high)
-    idx = in_e.nonzero().flatten()
-    size_e = idx.numel()
-    if mode == "filter":
-        drawn[idx] = 1
-        return drawn, size_e, idx
-    if mode == "released":
-        if size_e == 0:
-            drawn[ok] = 1
-            return drawn, 0, ok.nonzero().flatten()
-        weights = (a[idx].double() + 1e-8) ** 1.5
-        picks = idx[torch.multinomial(weights, math.ceil(1.5 * n), replacement=True, generator=generator)]
-        drawn.index_add_(0, picks, torch.ones_like(picks))
-        return drawn, size_e, picks
-    if mode != "paper":
-        raise ValueError(f"pad_mode must be paper, released, filter or off; got {mode!r}")
-    if size_e == 0:
-        return drawn, 0, idx
-    logits = a[idx].double() / tau
-    weights = torch.softmax(logits, 0)  # P(i) = exp(|A_i|/tau) / sum_E exp(|A_j|/tau), stable
-    k = min(math.ceil(rho * n), size_e)
-    # torch.multinomial without replacement draws one index at a time from the renormalised P.
-    picks = idx[torch.multinomial(weights, k, replacement=False, generator=generator)]
-    drawn[picks] = 1
-    return drawn, size_e, picks
-
-
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                clip_low: float, clip_high: float, dual_clip: float, logratio_clamp: float,
-                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Token-level PPO loss (minimised), per token: (B, T) -> (loss (B, T) zero outside mask, clipped (B, T)).
-
-    ratio = exp(clamp(logp - old_logp, -c, c));  L1 = -A ratio;  L2 = -A clip(ratio, 1 - eps_low, 1 + eps_high)
-    L = max(L1, L2);  for A < 0 (dual-clip): L = min(L, c_dual |A|).
-    `adv` is (B,) (one per sequence, broadcast to its tokens) or (B, T).
-    """
-    adv = adv[:, None] if adv.dim() == 1 else adv
-    log_ratio = (logp - old_logp).clamp(-logratio_clamp, logratio_clamp)
-    ratio = log_ratio.exp()
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = torch.maximum(l1, l2)
-    clipped = l2 > l1
-    if dual_clip > 0:
-        capped = torch.minimum(loss, -adv * dual_clip)
-        neg = (adv < 0).expand_as(loss)
-        clipped = clipped | (neg & (loss > -adv * dual_clip))
-        loss = torch.where(neg, capped, loss)
-    mask = mask.to(loss.dtype)
-    return loss * mask, clipped & mask.bool()
-
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
-    """k3 ("low_var_kl") estimate of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1, clamped."""
-    d = ref_logp - logp
-    return (d.exp() - d - 1).clamp(-clamp, clamp)
-
-
-def entropy_beta(step: int, beta0: float, beta_min: float, decay: float, warmup: int) -> float:
-    """Entropy coefficient (Table 5): 0 for step < tau_w, then max(beta_min, beta0 * lambda^(step - tau_w))."""
-    if step < warmup:
-        return 0.0
-    return max(beta_min, beta0 * decay ** (step - warmup))
 
 
 def balance_over_ranks(costs: list[int], world: int) -> list[list[int]]:
@@ -393,19 +290,19 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
     from_rank0 = d.on and os.path.isdir(cfg.model)
     use_bf16 = C.resolve_bf16(cfg.bf16, d)
 
-    def load_and_place(trainable: bool) -> M.Policy:
+    def load_and_place(trainable: bool) -> P.Policy:
         hf = M.load_weights(cfg.model, seed=cfg.seed, on_meta=from_rank0 and not d.main)
         if trainable:
             if cfg.freeze_vision:
                 M.freeze_vision(hf)
             M.set_gradient_checkpointing(hf, cfg.gradient_checkpointing)
-        policy = M.Policy(hf)
+        policy = P.Policy(hf)
         if not trainable:
             policy.eval().requires_grad_(False)
         # A group's n sequences share one prompt: its image through the vision tower once and its prompt
         # through the decoder once (model.py; equal to the plain forward up to summation order).
         policy.dedupe_images = policy.share_prefix = True
-        # Token-budget micro-batches run as packed rows (model.Policy.pack), which replace the shared prefix.
+        # Token-budget micro-batches run as packed rows (policy.Policy.pack), which replace the shared prefix.
         policy.pack = cfg.micro_batch_tokens > 0
         if fsdp:
             SH.shard(policy, param_dtype=torch.bfloat16 if use_bf16 else None, from_rank0=from_rank0)
@@ -534,18 +431,18 @@ def train(cfg: GRPOConfig) -> str:
         samples = [s for part in C.all_gather_objects(local, d) for s in part]  # rank-major, groups of n
         # 3. group advantages; 4. PAD on the global batch (the same generator on every rank: the same choice)
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).view(-1, cfg.group_size)
-        adv = group_advantages(rewards).flatten()
+        adv = grpo.group_advantages(rewards).flatten()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        tau = pad_tau(t, cfg.max_steps, cfg.pad_tau_start, cfg.pad_tau_end)
+        tau = grpo.pad_tau(t, cfg.max_steps, cfg.pad_tau_start, cfg.pad_tau_end)
         eligible = torch.tensor([not s.truncated for s in samples]) if cfg.truncation == "mask" else None
-        drawn, size_e, _ = pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, tau, cfg.pad_rho, gen, eligible)
+        drawn, size_e, _ = grpo.pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, tau, cfg.pad_rho, gen, eligible)
         for s, a, k in zip(samples, adv.tolist(), drawn.tolist()):
             s.advantage, s.times_drawn = a, k
         rollout_s, mem_rollout = time.time() - t0, memory.peak_mb()
         # 5-6. updates on the kept sequences only
         memory.reset()
         t1 = time.time()
-        beta = entropy_beta(t, cfg.entropy_beta0, cfg.entropy_beta_min, cfg.entropy_decay, cfg.entropy_warmup)
+        beta = grpo.entropy_beta(t, cfg.entropy_beta0, cfg.entropy_beta_min, cfg.entropy_decay, cfg.entropy_warmup)
         stats = update(policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d, beta, gen, params, opt,
                        bad)
         train_s, mem_update = time.time() - t1, memory.peak_mb()
@@ -634,9 +531,9 @@ def update(policy, ref, samples: list[Sample], records, encoded: dict, processor
                 logp, ent = forward_logprobs(policy, b, cfg.temperature, with_entropy=True)
                 mask = b["target_mask"].float()
                 adv = torch.tensor([samples[i].advantage for i in idx], dtype=torch.float32, device=logp.device)
-                pg, clipped = policy_loss(logp, old.get((u, k), logp.detach()), adv, mask, cfg.clip_low,
+                pg, clipped = grpo.policy_loss(logp, old.get((u, k), logp.detach()), adv, mask, cfg.clip_low,
                                           cfg.clip_high, cfg.dual_clip, cfg.logratio_clamp)  # fmt: skip
-                kl = kl_k3(logp, refs[u, k], cfg.kl_clamp) * mask if ref is not None else torch.zeros_like(pg)
+                kl = grpo.kl_k3(logp, refs[u, k], cfg.kl_clamp) * mask if ref is not None else torch.zeros_like(pg)
                 per_token = pg + cfg.kl_coef * kl - beta * ent * mask
                 # Token mean over the mini-batch's GLOBAL token count; DDP/FSDP average gradients over ranks,
                 # so x world turns that average back into the sum over ranks.
@@ -675,11 +572,11 @@ def update(policy, ref, samples: list[Sample], records, encoded: dict, processor
             "entropy": ent_sum / tokens, "clip_frac": clipped / tokens, "grad_norm": _mean(norms)}
 
 
-def policy_core(policy) -> M.Policy:
+def policy_core(policy) -> P.Policy:
     return policy.module if hasattr(policy, "module") else policy
 
 
-def validate(core: M.Policy, processor, records, prompt: str, placement: str, cfg: GRPOConfig, d: C.Dist) -> dict:
+def validate(core: P.Policy, processor, records, prompt: str, placement: str, cfg: GRPOConfig, d: C.Dist) -> dict:
     """Greedy accuracy on the held-out split through eval.py's scoring (in-loop validation)."""
     import eval as evaluation
 

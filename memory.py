@@ -129,7 +129,7 @@ def layer_activations(
     hidden: int, mlp: int, kv_dim: int, precision: str, padded: bool, width: int, varlen: bool = False
 ) -> float:
     """Bytes one decoder layer saves for backward per token (see the module docstring). `varlen`: a packed row
-    through model.varlen_sdpa_attention (no mask, GQA kept; each sequence's own output, then their
+    through policy.varlen_sdpa_attention (no mask, GQA kept; each sequence's own output, then their
     concatenation for o_proj: one more (tokens x H))."""
     c, _ = _bytes(precision)
     norms = {"fp32": 24 * hidden, "bf16": 16 * hidden, "autocast": 26 * hidden}[precision]
@@ -196,7 +196,7 @@ def training_phase(a: Arch, run: Run) -> dict[str, float]:
     )
     if run.padded:
         out["attention mask (bool)"] = run.rows * run.width * run.width
-    # model.ChunkedLogProbs' backward: an fp32 gradient for lm_head (and an fp32 copy of a bf16 lm_head, and the
+    # policy.ChunkedLogProbs' backward: an fp32 gradient for lm_head (and an fp32 copy of a bf16 lm_head, and the
     # bf16 cast of that gradient), its (chunk x V) fp32 buffer (a second one for the entropy's terms), reused by
     # every chunk, and the selected hidden states in fp32 plus their gradient. It runs first in backward, while
     # every saved activation is still alive.

@@ -20,7 +20,8 @@ import math
 import torch
 from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-from model import VISION_TOKENS, cache_kwarg, output_cache, position_ids_for
+from model import VISION_TOKENS, cache_kwarg, output_cache
+from policy import position_ids_for
 
 
 def generation_config(tokenizer, temperature: float, top_p: float, max_new_tokens: int) -> GenerationConfig:

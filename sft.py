@@ -5,7 +5,7 @@ What it does
 Full fine-tuning of Qwen2.5-VL on JSONL records with a `solution` (the whole assistant turn; text-only and
 multimodal records may be mixed). Each record becomes chat prompt (with the paper's Fig. 5 reasoning prompt,
 placement configurable) + solution + <|im_end|>; the loss is the negative log-likelihood of the assistant
-tokens only, closing <|im_end|> included, computed through `model.Policy`'s chunked fp32 log-probs (the
+tokens only, closing <|im_end|> included, computed through `policy.Policy`'s chunked fp32 log-probs (the
 B x T x V logits never exist). The loss of an optimizer step is
 
     sum over every target token of the step (all micro-batches, all ranks) of -log p  /  that token count,
@@ -36,7 +36,7 @@ Where this departs from the paper, or fills in what it leaves open
   still a mean over its tokens.
 * `micro_batch_tokens` > 0 (default 0: off, `micro_batch` sequences right-padded as before): a step's
   sequences are packed first-fit decreasing into micro-batches of at most that many tokens, each run as a few
-  nearly padding-free rows (`model.Policy.pack`: block-diagonal causal attention, positions restarting per
+  nearly padding-free rows (`policy.Policy.pack`: block-diagonal causal attention, positions restarting per
   sequence),
   dealt to ranks balanced by tokens with the same count on every rank. The loss is the same token mean; only
   the grouping changes (equal to the padded path to ~1e-6, tests/test_packing.py).
@@ -74,6 +74,7 @@ import torch.distributed as dist
 import common as C
 import data as D
 import model as M
+import policy as P
 import sharding as SH
 
 log = logging.getLogger("sft")
@@ -265,7 +266,7 @@ def choose_mode(cfg: SFTConfig, d: C.Dist) -> tuple[str, bool]:
     return (cfg.distributed if d.world > 1 else "none"), C.resolve_bf16(cfg.bf16, d)
 
 
-def wrap(policy: M.Policy, mode: str, bf16: bool, d: C.Dist, from_rank0: bool = False) -> torch.nn.Module:
+def wrap(policy: P.Policy, mode: str, bf16: bool, d: C.Dist, from_rank0: bool = False) -> torch.nn.Module:
     """Shard (fsdp), replicate (ddp) or place (one process) the policy; `from_rank0`: only rank 0 read the
     checkpoint, the other ranks built on the meta device and receive its weights (sharding.shard / place_replica)."""
     # A micro-batch without an image runs the tower on a dummy image (output x 0), in every mode: FSDP2's
@@ -370,8 +371,8 @@ def train(cfg: SFTConfig) -> str:
              micro, mode, bf16)
 
     # Model, optimizer
-    policy = M.Policy(model, chunk_size=cfg.chunk_size)
-    policy.pack = cfg.micro_batch_tokens > 0  # each micro-batch run as packed rows (model.Policy.pack)
+    policy = P.Policy(model, chunk_size=cfg.chunk_size)
+    policy.pack = cfg.micro_batch_tokens > 0  # each micro-batch run as packed rows (policy.Policy.pack)
     M.set_gradient_checkpointing(model, cfg.gradient_checkpointing)
     M.freeze_vision(model, cfg.freeze_vision)
     policy.train()

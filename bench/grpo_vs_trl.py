@@ -84,8 +84,10 @@ def ours_worker(a) -> None:
 
     import common as C
     import data as D
+    import grpo
     import grpo_mm as G
     import model as M
+    import policy as P
     import sharding as SH
 
     torch.set_num_threads(a.threads)
@@ -98,7 +100,7 @@ def ours_worker(a) -> None:
     d = C.init_distributed("cpu")
     C.seed_everything(cfg.seed)
     hf, processor = M.load_model(a.model, seed=0)
-    core = M.Policy(hf)
+    core = P.Policy(hf)
     core.share_prefix = core.dedupe_images = True  # as grpo_mm.setup_policy
     params = [p for p in core.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
@@ -117,9 +119,9 @@ def ours_worker(a) -> None:
         for s in samples:
             s.reward = letter_share(s.text)
         rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64).view(-1, cfg.group_size)
-        adv = G.group_advantages(rewards).flatten()
+        adv = grpo.group_advantages(rewards).flatten()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        drawn, _, _ = G.pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, 1.0, cfg.pad_rho, gen)
+        drawn, _, _ = grpo.pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, 1.0, cfg.pad_rho, gen)
         for s, adv_i, k in zip(samples, adv.tolist(), drawn.tolist()):
             s.advantage, s.times_drawn = adv_i, k
         stats = G.update(core, None, samples, records, encoded, processor, prompt, placement, cfg, d, 0.0, gen,

@@ -3,7 +3,7 @@
 Each side runs in its own subprocess (so one side's allocations never count for the other) and reports the
 peak RSS above its starting point (ru_maxrss is a high-water mark, so it is read in a fresh process).
 The naive side builds the full (B, T, V) fp32 logits, log_softmax and its gradient: several 2.5 GB tensors at
-B=4, T=1024, V=151,665. The chunked side is model.token_logprobs (only chunk x V logits at a time).
+B=4, T=1024, V=151,665. The chunked side is policy.token_logprobs (only chunk x V logits at a time).
 
     python bench/logprob_memory.py                 # B=4, T=1024, V=151665, H=96
     python bench/logprob_memory.py --quick         # B=2, T=256 (a CI-sized smoke run)
@@ -35,7 +35,7 @@ def run_side(side: str, b: int, t: int, v: int, h: int, chunk: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    import model as M
+    import policy as P
 
     torch.manual_seed(0)
     hidden = torch.randn(b * t, h, requires_grad=True)
@@ -43,7 +43,7 @@ def run_side(side: str, b: int, t: int, v: int, h: int, chunk: int) -> dict:
     targets = torch.randint(0, v, (b * t,))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB, high-water mark so far
     if side == "chunked":
-        logp, _ = M.token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=chunk)
+        logp, _ = P.token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=chunk)
     else:
         logits = (hidden @ weight.T).float()  # (B*T, V) fp32
         logp = F.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)

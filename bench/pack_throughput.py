@@ -1,12 +1,12 @@
 """Padding-free (packed) against padded training micro-batches on a long-tailed length mix (issue 17).
 
-The update's forward + backward (model.Policy's chunked fp32 log-probs, the token-mean loss) over the same
+The update's forward + backward (policy.Policy's chunked fp32 log-probs, the token-mean loss) over the same
 sequences, two ways:
   padded: micro-batches of `--micro_batch` sequences in a random order (what the GRPO update does with its
           shuffled kept sequences, and SFT without length grouping), right-padded to the longest;
   packed: data.pack_by_tokens (first-fit decreasing) into micro-batches of at most `budget` tokens, each run
-          packed (model.Policy.pack: one row with no padding, attention sequence by sequence through
-          model.varlen_sdpa_attention); budget = the largest whose micro-batches hold no more token slots than
+          packed (policy.Policy.pack: one row with no padding, attention sequence by sequence through
+          policy.varlen_sdpa_attention); budget = the largest whose micro-batches hold no more token slots than
           the padded path's largest (rows x width), so both paths hold about the same activations at their peak.
 Peak memory is measured in bytes too: the process's peak resident set (VmHWM, reset before each pass through
 /proc/self/clear_refs) above its resident set at the pass's start, with MALLOC_MMAP_THRESHOLD_=65536 (set by
@@ -66,11 +66,12 @@ def main() -> None:
 
     import data as D
     import model as M
+    import policy as P
     import synth
 
     torch.set_num_threads(args.threads)
     model, processor = M.load_model(args.model, seed=args.seed)
-    policy = M.Policy(model).train()
+    policy = P.Policy(model).train()
     tok = processor.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         synth.write_synth(tmp, synth.SynthConfig(seed=args.seed, n_sft=0, n_sft_test=0, n_mm_train=args.n // 2,
@@ -85,7 +86,7 @@ def main() -> None:
     lengths = [len(p.input_ids) + len(c) for p, c in zip(prompts, completions)]
     real = sum(lengths)
 
-    widen = None if M.use_varlen_attention(model) else D.MAX_WIDEN  # one row per micro-batch with varlen
+    widen = None if P.use_varlen_attention(model) else D.MAX_WIDEN  # one row per micro-batch with varlen
 
     def slots(mb: list[int], pack: bool) -> int:  # token slots one micro-batch computes (its rows x width)
         ls = [lengths[i] for i in mb]

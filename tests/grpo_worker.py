@@ -29,8 +29,10 @@ import torch  # noqa: E402
 
 import common as C  # noqa: E402
 import data as D  # noqa: E402
+import grpo  # noqa: E402
 import grpo_mm as G  # noqa: E402
 import model as M  # noqa: E402
+import policy as P  # noqa: E402
 import sampling as S  # noqa: E402
 import sharding as SH  # noqa: E402
 
@@ -80,9 +82,9 @@ def build_samples(tokenizer) -> tuple[list[G.Sample], torch.Generator, list[int]
             ids = torch.randint(0, n_plain, (length - 1,), generator=g).tolist() + [im_end]
             samples.append(G.Sample(rec=rec, completion=ids, text="", truncated=False, reward=r))
     rewards = torch.tensor(GROUP_REWARDS, dtype=torch.float64)
-    adv = G.group_advantages(rewards).flatten()
+    adv = grpo.group_advantages(rewards).flatten()
     gen = torch.Generator().manual_seed(PAD_SEED)
-    drawn, _, picks = G.pad_select(adv, PAD["mode"], PAD["t_low"], PAD["t_high"], PAD["tau"], PAD["rho"], gen)
+    drawn, _, picks = grpo.pad_select(adv, PAD["mode"], PAD["t_low"], PAD["t_high"], PAD["tau"], PAD["rho"], gen)
     for s, a, k in zip(samples, adv.tolist(), drawn.tolist()):
         s.advantage, s.times_drawn = a, k
     return samples, gen, picks.tolist()
@@ -227,7 +229,7 @@ def run_generate(args, d: C.Dist) -> None:
         cc.phase = "none"
     # The same rollout on an unsharded copy of the model (same seed) must sample the same completions.
     plain, _ = M.load_model("tiny", seed=cfg.seed)
-    with SH.gathered_for_generation(M.Policy(plain)) as m:
+    with SH.gathered_for_generation(P.Policy(plain)) as m:
         reference = G.rollout(m, processor, encoded, mine, cfg, seed=seed)
     out = {"rank": d.rank, "python": dict(cc.python), "dispatch": dict(cc.dispatch),
            "names": {k: dict(v) for k, v in cc.names.items()},

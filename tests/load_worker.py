@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as M  # noqa: E402
+import policy as P  # noqa: E402
 import sharding as SH  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main() -> None:
     dist.barrier()
     base = status_kb("VmRSS")
     hf = M.load_weights(ckpt, on_meta=mode == "rank0" and rank != 0)
-    policy = M.Policy(hf)
+    policy = P.Policy(hf)
     SH.shard(policy, from_rank0=mode == "rank0")
     peak = status_kb("VmHWM")
     dist.barrier()

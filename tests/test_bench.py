@@ -12,6 +12,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 import data as D
 import model as M
+import policy as P
 import sampling as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +113,7 @@ def _grads(policy, batch):
 @pytest.mark.parametrize("switch", ["dedupe_images", "share_prefix"])
 def test_shared_images_and_prompts_match_plain_forward(synth_dir, switch):
     model, processor = M.load_model("tiny", seed=0)
-    policy = M.Policy(model)
+    policy = P.Policy(model)
     enc = _prompts(synth_dir, processor)
     order = [0, 1, 0, 3, 2, 1, 0, 3]  # groups with repeated prompts and images, one text-only prompt
     batch = D.collate_sequences([enc[i] for i in order], [[5, 6, 7, 8, 9][: 2 + i % 4] for i in range(len(order))],

@@ -16,6 +16,7 @@ import benchmarks as B
 import data as D
 import eval as E
 import model as M
+import policy as P
 import sampling as S
 from common import config_help, parse_config
 from conftest import ROOT, make_image
@@ -426,7 +427,7 @@ def test_evaluate_records_for_in_loop_validation(tiny, tmp_path):
     recs = [D.Record(id="1", problem="How many shapes?", answer="3", images=[img], source="t:1"),
             D.Record(id="2", problem="What is 3 plus 4?", answer="7", source="t:2"),
             D.Record(id="3", problem="Pick one.", answer="A", choices=["x", "y"], source="t:3")]  # fmt: skip
-    policy = M.Policy(m)
+    policy = P.Policy(m)
     policy.train()
     try:
         res = E.evaluate_records(policy, p, recs, prompt=D.REASONING_PROMPT, placement="user",

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import data as D
+import grpo
 import grpo_mm as G
 import model as M
+import policy as P
 import sampling as S
 
 # ---------------------------------------------------------------------------------------------------------
@@ -18,19 +20,19 @@ import sampling as S
 def test_group_advantages_k_of_n_by_hand():
     # 2 of 8 correct: mean 0.25, unbiased std sqrt((2 * 0.75^2 + 6 * 0.25^2) / 7) = sqrt(1.5 / 7) = 0.462910
     r = torch.tensor([[1.0, 1, 0, 0, 0, 0, 0, 0]])
-    a = G.group_advantages(r)
+    a = grpo.group_advantages(r)
     std = math.sqrt(1.5 / 7)
     assert a[0, 0].item() == pytest.approx(0.75 / (std + 1e-6), abs=1e-6)  # 1.620185
     assert a[0, 2].item() == pytest.approx(-0.25 / (std + 1e-6), abs=1e-6)  # -0.540062
     assert a[0, 0].item() == pytest.approx(1.620185, abs=1e-5)
     # 4 of 8: +-0.5 / sqrt(2/7) = +-0.935414
-    a4 = G.group_advantages(torch.tensor([[1.0, 1, 1, 1, 0, 0, 0, 0]]))
+    a4 = grpo.group_advantages(torch.tensor([[1.0, 1, 1, 1, 0, 0, 0, 0]]))
     assert a4[0, 0].item() == pytest.approx(0.935414, abs=1e-5)
 
 
 def test_group_advantages_all_equal_gives_zero_and_groups_are_independent():
     r = torch.tensor([[0.9, 0.9, 0.9, 0.9], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
-    a = G.group_advantages(r)
+    a = grpo.group_advantages(r)
     assert torch.equal(a[:2], torch.zeros(2, 4))
     assert a[2].sum().abs() < 1e-6 and a[2, 0] > 0
 
@@ -43,19 +45,19 @@ def test_pad_bounds_inclusive_and_k_prime():
     adv = torch.tensor([0.0, 0.03, 0.5, 1.0, 1.5, 2.0, -0.03, -1.5, 0.02, 0.0])
     g = torch.Generator().manual_seed(0)
     # E = {|A| in [0.03, 1.5]} = indices 1, 2, 3, 4, 6, 7 (both bounds inclusive, as in the paper)
-    drawn, size_e, picks = G.pad_select(adv, "paper", 0.03, 1.5, tau=1.0, rho=0.3, generator=g)
+    drawn, size_e, picks = grpo.pad_select(adv, "paper", 0.03, 1.5, tau=1.0, rho=0.3, generator=g)
     assert size_e == 6
     assert len(picks) == math.ceil(0.3 * 10) == 3  # k' = min(ceil(rho N), |E|)
     assert set(picks.tolist()) <= {1, 2, 3, 4, 6, 7}
     assert len(set(picks.tolist())) == 3 and drawn.max() == 1  # without replacement
     # rho large: k' = |E|, every member of E once
-    drawn, size_e, picks = G.pad_select(adv, "paper", 0.03, 1.5, tau=1.0, rho=1.0, generator=g)
+    drawn, size_e, picks = grpo.pad_select(adv, "paper", 0.03, 1.5, tau=1.0, rho=1.0, generator=g)
     assert sorted(picks.tolist()) == [1, 2, 3, 4, 6, 7] and drawn.sum() == 6
 
 
 def test_pad_empty_set_skips_update():
     adv = torch.zeros(8)
-    drawn, size_e, picks = G.pad_select(adv, "paper", 0.03, math.inf, 1.0, 0.5, torch.Generator())
+    drawn, size_e, picks = grpo.pad_select(adv, "paper", 0.03, math.inf, 1.0, 0.5, torch.Generator())
     assert size_e == 0 and drawn.sum() == 0 and len(picks) == 0
 
 
@@ -68,7 +70,7 @@ def test_pad_first_draw_follows_softmax_of_abs_advantage_over_tau():
     trials = 20000
     counts = torch.zeros(5)
     for _ in range(trials):
-        _, _, picks = G.pad_select(adv, "paper", 0.03, math.inf, tau, 0.4, g)
+        _, _, picks = grpo.pad_select(adv, "paper", 0.03, math.inf, tau, 0.4, g)
         counts[picks[0]] += 1
     freq = counts[e] / trials
     se = (expect * (1 - expect) / trials).sqrt()
@@ -79,27 +81,27 @@ def test_pad_first_draw_follows_softmax_of_abs_advantage_over_tau():
 def test_pad_modes_filter_off_released():
     adv = torch.tensor([0.0, 0.5, -1.2, 0.96, 0.97])
     g = torch.Generator().manual_seed(0)
-    drawn, size_e, _ = G.pad_select(adv, "filter", 0.03, math.inf, 1.0, 0.5, g)
+    drawn, size_e, _ = grpo.pad_select(adv, "filter", 0.03, math.inf, 1.0, 0.5, g)
     assert drawn.tolist() == [0, 1, 1, 1, 1] and size_e == 4
-    drawn, size_e, _ = G.pad_select(adv, "off", 0.03, math.inf, 1.0, 0.5, g)
+    drawn, size_e, _ = grpo.pad_select(adv, "off", 0.03, math.inf, 1.0, 0.5, g)
     assert drawn.tolist() == [1] * 5 and size_e == 5
     # released: 0.03 < |A| < 0.97 strictly -> {1, 3}; ceil(1.5 N) = 8 draws with replacement
-    drawn, size_e, picks = G.pad_select(adv, "released", 0.03, math.inf, 1.0, 0.5, g)
+    drawn, size_e, picks = grpo.pad_select(adv, "released", 0.03, math.inf, 1.0, 0.5, g)
     assert size_e == 2 and drawn.sum() == 8 and set(picks.tolist()) <= {1, 3}
-    drawn, size_e, _ = G.pad_select(torch.zeros(4), "released", 0.03, math.inf, 1.0, 0.5, g)
+    drawn, size_e, _ = grpo.pad_select(torch.zeros(4), "released", 0.03, math.inf, 1.0, 0.5, g)
     assert size_e == 0 and drawn.tolist() == [1, 1, 1, 1]  # released code falls back to the full batch
     eligible = torch.tensor([True, True, False, True, True])
-    drawn, size_e, _ = G.pad_select(adv, "filter", 0.03, math.inf, 1.0, 0.5, g, eligible)
+    drawn, size_e, _ = grpo.pad_select(adv, "filter", 0.03, math.inf, 1.0, 0.5, g, eligible)
     assert drawn.tolist() == [0, 1, 0, 1, 1]
     # off + truncation="mask": the truncated one is not trained, and |E| is still N (CONTRACT: pad_effective)
-    drawn, size_e, _ = G.pad_select(adv, "off", 0.03, math.inf, 1.0, 0.5, g, eligible)
+    drawn, size_e, _ = grpo.pad_select(adv, "off", 0.03, math.inf, 1.0, 0.5, g, eligible)
     assert drawn.tolist() == [1, 1, 0, 1, 1] and size_e == 5
 
 
 def test_pad_tau_linear_schedule():
-    assert G.pad_tau(0, 200) == 1.0
-    assert G.pad_tau(199, 200) == pytest.approx(0.3)
-    assert G.pad_tau(99, 199) == pytest.approx(0.65)
+    assert grpo.pad_tau(0, 200) == 1.0
+    assert grpo.pad_tau(199, 200) == pytest.approx(0.3)
+    assert grpo.pad_tau(99, 199) == pytest.approx(0.65)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def test_pad_tau_linear_schedule():
 )
 def test_policy_loss_by_hand(adv, ratio, expect, clipped):
     logp = torch.tensor([[math.log(ratio)]])
-    loss, was_clipped = G.policy_loss(logp, torch.zeros(1, 1), torch.tensor([adv]), torch.ones(1, 1), 0.2, 0.25,
+    loss, was_clipped = grpo.policy_loss(logp, torch.zeros(1, 1), torch.tensor([adv]), torch.ones(1, 1), 0.2, 0.25,
                                       3.0, math.log(1e3))  # fmt: skip
     assert loss.item() == pytest.approx(expect, rel=1e-5)
     assert bool(was_clipped.item()) == clipped
@@ -128,7 +130,7 @@ def test_policy_loss_by_hand(adv, ratio, expect, clipped):
 
 def test_policy_loss_masks_and_logratio_clamp():
     logp = torch.tensor([[20.0, 0.0]])  # ratio e^20 clamps to 1e3
-    loss, _ = G.policy_loss(logp, torch.zeros(1, 2), torch.tensor([-1.0]), torch.tensor([[1.0, 0.0]]), 0.2, 0.25,
+    loss, _ = grpo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([-1.0]), torch.tensor([[1.0, 0.0]]), 0.2, 0.25,
                             0.0, math.log(1e3))  # fmt: skip
     assert loss[0, 0].item() == pytest.approx(1e3, rel=1e-4)  # no dual clip: -A * 1e3
     assert loss[0, 1].item() == 0.0
@@ -136,20 +138,20 @@ def test_policy_loss_masks_and_logratio_clamp():
 
 def test_kl_k3_by_hand():
     # logp = ln 0.5, ref = ln 0.25: d = ln 0.5; e^d - d - 1 = 0.5 + 0.693147 - 1 = 0.193147
-    kl = G.kl_k3(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]))
+    kl = grpo.kl_k3(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]))
     assert kl.item() == pytest.approx(0.193147, abs=1e-6)
-    assert G.kl_k3(torch.tensor([0.0]), torch.tensor([0.0])).item() == 0.0
-    assert G.kl_k3(torch.tensor([0.0]), torch.tensor([30.0])).item() == 10.0  # clamped
+    assert grpo.kl_k3(torch.tensor([0.0]), torch.tensor([0.0])).item() == 0.0
+    assert grpo.kl_k3(torch.tensor([0.0]), torch.tensor([30.0])).item() == 10.0  # clamped
 
 
 def test_entropy_schedule_by_hand():
     kw = dict(beta0=0.02, beta_min=0.0, decay=0.985, warmup=140)
-    assert G.entropy_beta(0, **kw) == 0.0
-    assert G.entropy_beta(139, **kw) == 0.0
-    assert G.entropy_beta(140, **kw) == pytest.approx(0.02)
-    assert G.entropy_beta(141, **kw) == pytest.approx(0.0197)
-    assert G.entropy_beta(150, **kw) == pytest.approx(0.02 * 0.985**10)
-    assert G.entropy_beta(10_000, beta0=0.02, beta_min=0.001, decay=0.985, warmup=140) == 0.001
+    assert grpo.entropy_beta(0, **kw) == 0.0
+    assert grpo.entropy_beta(139, **kw) == 0.0
+    assert grpo.entropy_beta(140, **kw) == pytest.approx(0.02)
+    assert grpo.entropy_beta(141, **kw) == pytest.approx(0.0197)
+    assert grpo.entropy_beta(150, **kw) == pytest.approx(0.02 * 0.985**10)
+    assert grpo.entropy_beta(10_000, beta0=0.02, beta_min=0.001, decay=0.985, warmup=140) == 0.001
 
 
 def reference_loss(logp, old, ref, ent, adv, mask, kl_coef, beta, eps_low, eps_high, c, clamp):
@@ -187,8 +189,8 @@ def test_loss_and_gradient_match_per_token_reference():
     mask[0, 4:] = 0
     mask[2, 5] = 0
     args = dict(kl_coef=0.01, beta=0.02)
-    pg, _ = G.policy_loss(logp, old, adv, mask, 0.2, 0.25, 3.0, math.log(1e3))
-    ours = (pg + args["kl_coef"] * G.kl_k3(logp, ref) * mask - args["beta"] * ent * mask).sum() / mask.sum()
+    pg, _ = grpo.policy_loss(logp, old, adv, mask, 0.2, 0.25, 3.0, math.log(1e3))
+    ours = (pg + args["kl_coef"] * grpo.kl_k3(logp, ref) * mask - args["beta"] * ent * mask).sum() / mask.sum()
     g_ours = torch.autograd.grad(ours, (logp, ent))
     theirs = reference_loss(logp, old, ref, ent, adv, mask, eps_low=0.2, eps_high=0.25, c=3.0, clamp=math.log(1e3),
                             **args)  # fmt: skip
@@ -204,7 +206,7 @@ def test_small_case_by_hand():
     #   token 2: ratio = e^-0.1 = 0.904837 -> loss -0.904837, d/dlogp = -ratio = -0.904837
     # mean over 2 tokens: (-1.25 - 0.904837) / 2 = -1.077419; gradients (0, -0.452419)
     logp = torch.tensor([[0.5, -0.1]], requires_grad=True)
-    pg, clipped = G.policy_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.25, 3.0, 7.0)
+    pg, clipped = grpo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.25, 3.0, 7.0)
     loss = pg.sum() / 2
     loss.backward()
     assert loss.item() == pytest.approx(-1.077419, abs=1e-6)
@@ -271,16 +273,16 @@ def test_update_trains_exactly_the_kept_tokens(tiny, tmp_path, monkeypatch):
     for i in range(8):
         comp = torch.randint(0, 200, (3 + i,), generator=g).tolist() + [p.tokenizer.convert_tokens_to_ids("<|im_end|>")]
         samples.append(G.Sample(rec=i % 2, completion=comp, text="", truncated=False))
-    adv = G.group_advantages(torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0.5, 0.5]])).flatten()
-    drawn, _, _ = G.pad_select(adv, "paper", 0.03, math.inf, 1.0, 0.25, g)
+    adv = grpo.group_advantages(torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0.5, 0.5]])).flatten()
+    drawn, _, _ = grpo.pad_select(adv, "paper", 0.03, math.inf, 1.0, 0.25, g)
     for s, a, k in zip(samples, adv.tolist(), drawn.tolist()):
         s.advantage, s.times_drawn = a, k
     kept = [s for s in samples if s.times_drawn]
     assert len(kept) == 2  # ceil(0.25 * 8) = 2 drawn from the 4 non-zero advantages
     encoded = {i: D.encode_prompt(r, p) for i, r in enumerate(recs)}
-    policy = M.Policy(m)
+    policy = P.Policy(m)
     seen = {"tokens": 0, "targets": 0, "forwards": 0}
-    real_forward = M.Policy.forward
+    real_forward = P.Policy.forward
 
     def counting(self, input_ids, attention_mask, target_mask, *a, **k):
         seen["tokens"] += int(attention_mask.sum())
@@ -288,7 +290,7 @@ def test_update_trains_exactly_the_kept_tokens(tiny, tmp_path, monkeypatch):
         seen["forwards"] += 1
         return real_forward(self, input_ids, attention_mask, target_mask, *a, **k)
 
-    monkeypatch.setattr(M.Policy, "forward", counting)
+    monkeypatch.setattr(P.Policy, "forward", counting)
     cfg = G.GRPOConfig(mini_batch=64, micro_batch=1, entropy_warmup=0)
     params = [q for q in policy.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3)
@@ -323,7 +325,7 @@ def test_non_finite_update_is_skipped_and_the_run_goes_on(tiny, tmp_path):
             out.append(s)
         return out
 
-    policy = M.Policy(m)
+    policy = P.Policy(m)
     params = list(policy.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
     cfg = G.GRPOConfig(mini_batch=4, micro_batch=2, entropy_warmup=0, max_bad_steps=2)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import data as D
 import model as M
+import policy as P
 from conftest import ROOT, make_image
 
 
@@ -58,7 +59,7 @@ def test_chunked_logprobs_match_log_softmax_values_and_grads(temperature, with_e
     coef = torch.randn(n, generator=g)  # an arbitrary loss on the outputs, so the gradient is not trivial
     coef_e = torch.randn(n, generator=g)
 
-    logp, ent = M.token_logprobs(hidden, weight, targets, temperature, chunk_size=8, with_entropy=with_entropy)
+    logp, ent = P.token_logprobs(hidden, weight, targets, temperature, chunk_size=8, with_entropy=with_entropy)
     loss = (coef * logp).sum() + ((coef_e * ent).sum() if with_entropy else 0)
     gh, gw = torch.autograd.grad(loss, (hidden, weight))
 
@@ -92,7 +93,7 @@ def test_chunked_logprobs_never_hold_full_logits():
             return out
 
     with Spy():
-        logp, _ = M.token_logprobs(hidden, weight, targets, 1.0, chunk_size=chunk, with_entropy=True)
+        logp, _ = P.token_logprobs(hidden, weight, targets, 1.0, chunk_size=chunk, with_entropy=True)
         logp.sum().backward()
     assert largest[0] <= max(chunk * v, v * h), largest[0]
     assert largest[0] < n * v
@@ -118,14 +119,14 @@ def test_policy_logprobs_equal_generate_logits_for_image_prompts(tiny, tmp_path)
     gen_logp = torch.stack([F.log_softmax(lg.float(), -1) for lg in out.logits], 1).gather(2, new[..., None])[..., 0]
 
     seqs = D.collate_sequences(prompts, new.tolist(), p.tokenizer.pad_token_id, m.config.image_token_id)
-    policy = M.Policy(m, chunk_size=5)
+    policy = P.Policy(m, chunk_size=5)
     with torch.no_grad():
         logp, _ = policy(seqs["input_ids"], seqs["attention_mask"], seqs["target_mask"], seqs["pixel_values"],
                          seqs["image_grid_thw"], seqs["mm_token_type_ids"])  # fmt: skip
     ours = torch.stack([logp[i][seqs["target_mask"][i]] for i in range(2)])
     assert torch.allclose(ours, gen_logp, atol=1e-4), (ours - gen_logp).abs().max()
     # Without mm_token_type_ids the 3-D positions are lost and the numbers change (PITFALLS).
-    pos = M.position_ids_for(m, seqs["input_ids"], seqs["attention_mask"], seqs["image_grid_thw"],
+    pos = P.position_ids_for(m, seqs["input_ids"], seqs["attention_mask"], seqs["image_grid_thw"],
                              seqs["mm_token_type_ids"])  # fmt: skip
     assert not torch.equal(pos[1], pos[0])
 
@@ -157,11 +158,11 @@ def test_shared_prefix_keys_on_the_images_too(tiny, tmp_path):
                              b["image_grid_thw"], b["mm_token_type_ids"])
         return [logp[j][b["target_mask"][j]] for j in range(len(rows))]
 
-    alone = [logprobs(M.Policy(m), [row])[0] for row in rows]
+    alone = [logprobs(P.Policy(m), [row])[0] for row in rows]
     # the premise: the image changes the numbers, so a key without it would score row 2 on row 0's image
-    other_image = logprobs(M.Policy(m), [(0, rows[2][1])])[0]
+    other_image = logprobs(P.Policy(m), [(0, rows[2][1])])[0]
     assert (other_image - alone[2]).abs().max() > 1e-3
-    shared = M.Policy(m)
+    shared = P.Policy(m)
     shared.share_prefix = shared.dedupe_images = True
     for i, got in enumerate(logprobs(shared, rows)):
         assert torch.allclose(got, alone[i], atol=1e-5), (i, (got - alone[i]).abs().max())
@@ -174,7 +175,7 @@ def test_policy_gradient_matches_unchunked_full_logits(tiny, tmp_path):
     prompts = [D.encode_prompt(r, p) for r in recs]
     comps = [D.encode_completion("<think>2 + 3 = 5.</think> \\boxed{5}", p.tokenizer) for _ in recs]
     b = D.collate_sequences(prompts, comps, p.tokenizer.pad_token_id, m.config.image_token_id)
-    policy = M.Policy(m, chunk_size=7)
+    policy = P.Policy(m, chunk_size=7)
     logp, ent = policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"], b["image_grid_thw"],
                        b["mm_token_type_ids"], temperature=0.9, with_entropy=True)  # fmt: skip
     loss = -(logp.sum() + 0.1 * ent.sum())

@@ -14,6 +14,7 @@ import common as C
 import data as D
 import grpo_mm as G
 import model as M
+import policy as P
 import sft
 from conftest import ROOT
 
@@ -55,9 +56,9 @@ def test_packed_positions_are_each_sequence_alone(tiny, synth_dir):
     sequence from row 0 (and the trailing padding as a block of its own)."""
     model, processor = tiny
     batch = _batch(synth_dir, processor, model.config.image_token_id)
-    pos = M.position_ids_for(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+    pos = P.position_ids_for(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
                              batch["mm_token_type_ids"])
-    ids, packed, where = M.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, ROWS, pad_id=-7)
+    ids, packed, where = P.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, ROWS, pad_id=-7)
     lengths = batch["attention_mask"].sum(-1).tolist()
     width = max(sum(lengths[b] for b in row) for row in ROWS)
     assert ids.shape == (3, width) and packed.shape == (4, 3, width)
@@ -69,7 +70,7 @@ def test_packed_positions_are_each_sequence_alone(tiny, synth_dir):
             n = lengths[b]
             alone = batch["input_ids"][b, :n][None]
             grid = grids[b] if len(grids[b]) else None
-            ref = M.position_ids_for(model, alone, torch.ones_like(alone), grid, (alone == model.config.image_token_id).int())
+            ref = P.position_ids_for(model, alone, torch.ones_like(alone), grid, (alone == model.config.image_token_id).int())
             assert torch.equal(ids[r, start : start + n], alone[0])
             assert torch.equal(packed[0, r, start : start + n], torch.arange(n))
             assert torch.equal(packed[1:, r, start : start + n], ref[:, 0])
@@ -85,11 +86,11 @@ def test_packed_positions_are_each_sequence_alone(tiny, synth_dir):
 def test_packed_forward_matches_padded(synth_dir, dedupe, attention):
     """Per-token log-probs, entropies and every gradient of the packed forward equal the padded forward's
     (images, up to six sequences in a row, 1 to 400 completion tokens). sdpa: the packed forward switches the
-    decoder to model.varlen_sdpa_attention and runs one row of all six sequences; eager (no varlen attention):
+    decoder to policy.varlen_sdpa_attention and runs one row of all six sequences; eager (no varlen attention):
     rows about as wide as the longest sequence with a block-diagonal mask."""
     model, processor = M.load_model("tiny", seed=0)
     model.set_attn_implementation(attention)
-    policy = M.Policy(model)
+    policy = P.Policy(model)
     policy.dedupe_images = dedupe
     batch = _batch(synth_dir, processor, model.config.image_token_id)
     # the premise: without varlen attention the Policy packs the six sequences into two rows (of 625 and 581
@@ -109,19 +110,19 @@ def test_packed_forward_matches_padded(synth_dir, dedupe, attention):
     assert packed[2].keys() == padded[2].keys() and len(padded[2]) == len(list(model.parameters()))
     for k, g in padded[2].items():
         assert (packed[2][k] - g).norm() <= RTOL_GRAD * g.norm(), k
-    assert model.config.text_config._attn_implementation == (M.VARLEN_ATTENTION if attention == "sdpa" else "eager")
+    assert model.config.text_config._attn_implementation == (P.VARLEN_ATTENTION if attention == "sdpa" else "eager")
 
 
 def test_varlen_attention_on_several_rows_matches_the_block_mask(synth_dir):
-    """model.varlen_sdpa_attention on rows of several sequences (one row ending in padding, no mask built) gives
+    """policy.varlen_sdpa_attention on rows of several sequences (one row ending in padding, no mask built) gives
     the hidden states of transformers' sdpa with the block-diagonal mask it builds from the same positions."""
     model, processor = M.load_model("tiny", seed=0)
     batch = _batch(synth_dir, processor, model.config.image_token_id)
-    pos = M.position_ids_for(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
+    pos = P.position_ids_for(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
                              batch["mm_token_type_ids"])
-    ids, packed, where = M.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, ROWS)
+    ids, packed, where = P.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, ROWS)
     lengths = batch["attention_mask"].sum(-1).tolist()
-    bounds = M.segment_bounds(packed[0])
+    bounds = P.segment_bounds(packed[0])
     want = [[lengths[b] for b in row] for row in ROWS]
     want = [w + ([ids.shape[1] - sum(w)] if sum(w) < ids.shape[1] else []) for w in want]  # padding: a segment
     assert [[e - s for s, e in row] for row in bounds] == want
@@ -135,8 +136,8 @@ def test_varlen_attention_on_several_rows_matches_the_block_mask(synth_dir):
     run["image_grid_thw"] = batch["image_grid_thw"][[i for b in order for i in range(first[b], first[b] + per_seq[b])]]
     with torch.no_grad():
         masked = model.model(attention_mask=None, **run).last_hidden_state.flatten(0, 1)
-        assert M.use_varlen_attention(model)
-        varlen = model.model(attention_mask=M.NO_MASK, **run).last_hidden_state.flatten(0, 1)
+        assert P.use_varlen_attention(model)
+        varlen = model.model(attention_mask=P.NO_MASK, **run).last_hidden_state.flatten(0, 1)
     real = where[where >= 0]
     assert torch.allclose(varlen[real], masked[real], atol=1e-5, rtol=1e-5)
 
@@ -146,7 +147,7 @@ def test_packed_gradient_checkpointing_and_bf16(synth_dir):
     runs the same varlen attention), and under bf16 autocast it runs with finite log-probs and gradients close
     to fp32's (the logits stay fp32; bf16 rounding in the decoder only)."""
     model, processor = M.load_model("tiny", seed=0)
-    policy = M.Policy(model)
+    policy = P.Policy(model)
     policy.pack = True
     batch = _batch(synth_dir, processor, model.config.image_token_id)
     plain = _logp_and_grads(policy, batch)
@@ -172,8 +173,8 @@ def test_packing_without_restarting_positions_leaks_across_sequences(tiny, synth
     above is the mask's doing, not an accident of the data."""
     model, processor = tiny
     batch = _batch(synth_dir, processor, model.config.image_token_id, order=(3, 3), lengths=(5, 9))  # text only
-    pos = M.position_ids_for(model, batch["input_ids"], batch["attention_mask"], None, batch["mm_token_type_ids"])
-    ids, packed, where = M.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, [[0, 1]])
+    pos = P.position_ids_for(model, batch["input_ids"], batch["attention_mask"], None, batch["mm_token_type_ids"])
+    ids, packed, where = P.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, [[0, 1]])
     run = dict(input_ids=ids, attention_mask=None, mm_token_type_ids=torch.zeros_like(ids), use_cache=False)
     with torch.no_grad():
         good = model.model(position_ids=packed, **run).last_hidden_state[0]
@@ -409,7 +410,7 @@ def test_grpo_update_packed_matches_padded_one_process(synth_dir):
     results = {}
     for name, budget in (("padded", 0), ("packed", 900)):
         cfg = G.GRPOConfig(mini_batch=4, micro_batch=1, micro_batch_tokens=budget, ppo_epochs=2, entropy_warmup=0)
-        policy = M.Policy(M.build_tiny("tiny", seed=0)[0])
+        policy = P.Policy(M.build_tiny("tiny", seed=0)[0])
         policy.dedupe_images = policy.share_prefix = True
         policy.pack = budget > 0
         params = list(policy.parameters())
@@ -428,7 +429,7 @@ def test_grpo_update_packed_matches_padded_one_process(synth_dir):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
     from test_grpo_dist import _compare_states  # moved by more than 2e-5, equal within atol 1e-5, rtol 1e-4
 
-    _compare_states(g_sd, w_sd, M.Policy(M.build_tiny("tiny", seed=0)[0]).state_dict(), "packed vs padded")
+    _compare_states(g_sd, w_sd, P.Policy(M.build_tiny("tiny", seed=0)[0]).state_dict(), "packed vs padded")
 
 
 def test_sft_start_up_log_counts_packed_micro_batches():

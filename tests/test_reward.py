@@ -8,7 +8,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-import reward
+import verifier
 from reward import (
     RewardConfig,
     extract_answer,
@@ -26,7 +26,7 @@ def B(s: str) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def _warm():
-    reward.warmup(wait=True)  # child start-up is not what the timing tests measure
+    verifier.warmup(wait=True)  # child start-up is not what the timing tests measure
 
 
 # ------------------------------------------------------------------------------------------------ extraction
@@ -239,14 +239,14 @@ ADVERSARIAL = {
 
 @pytest.mark.parametrize("response, gold", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
 def test_adversarial_returns_in_time(response, gold):
-    reward.warmup(wait=True)  # a child killed by the previous case is replaced: start-up is not timed
+    verifier.warmup(wait=True)  # a child killed by the previous case is replaced: start-up is not timed
     t = time.monotonic()
     assert grade(response, gold, timeout=1.0) is False
     assert time.monotonic() - t < 2.5
 
 
 def test_power_tower_default_timeout():
-    reward.warmup(wait=True)
+    verifier.warmup(wait=True)
     t = time.monotonic()
     assert grade(B(r"10^{10^{10^{10}}}"), "2") is False
     assert time.monotonic() - t <= 6.0
@@ -258,7 +258,7 @@ def test_huge_response():
 
 
 def test_time_limit_holds_and_grader_recovers():
-    reward.warmup(wait=True)
+    verifier.warmup(wait=True)
     t = time.monotonic()
     assert grade(B(r"(10^{12})! + 1"), "3", timeout=0.3) is False
     assert time.monotonic() - t < 1.5
@@ -276,7 +276,7 @@ def test_grade_from_threads():
         threading.Thread(target=work, args=("wrong", B("(y+1)^3"), "y^2+2y+1", 5.0)),
         threading.Thread(target=work, args=("slow", B(r"(10^{11})!"), "2", 0.5)),
     ]
-    reward.warmup(len(threads), wait=True)  # one child per thread, started before the clock
+    verifier.warmup(len(threads), wait=True)  # one child per thread, started before the clock
     t = time.monotonic()
     for th in threads:
         th.start()
