@@ -62,8 +62,7 @@ class AblateConfig:
     model: str = ""  # the starting checkpoint of every run (the stage's --model); required
     vary: str = ""  # FIELD=V1,V2,...: one field of the stage's config and its values; required
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # fixed stage overrides KEY=VALUE,KEY=VALUE (a piece without '=' continues the previous value)
-    set: str = ""
+    set: str = ""  # fixed stage overrides KEY=VALUE,KEY=VALUE (a piece without '=' continues the last value)
     bench: str = ""  # held-out splits, eval.py's --bench LABEL=PATH[,...]; required
     blank: str = ""  # labels of --bench evaluated again with every image blanked (column LABEL_blank)
     metric: str = ""  # the label of the plot and the verdict; "" = the first label of --bench
