@@ -131,9 +131,8 @@ def _generate_batch(
     for rec, _ in jobs:
         if id(rec) not in encoded:
             encoded[id(rec)] = D.encode_prompt(rec, processor, prompt, placement, max_prompt_len)
-    batch = D.collate_prompts(
-        [encoded[id(rec)] for rec, _ in jobs], tok.pad_token_id, hf.config.image_token_id
-    )
+    encs = [encoded[id(rec)] for rec, _ in jobs]
+    batch = D.collate_prompts(encs, tok.pad_token_id, hf.config.image_token_id)
     param = next(hf.parameters())
     batch = {
         k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else v.dtype)
@@ -142,9 +141,7 @@ def _generate_batch(
     devices = [param.device] if param.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG stream is left alone
         torch.manual_seed(batch_seed)
-        out = E.generate(
-            hf, **batch, generation_config=gen_cfg, slots=slots
-        )  # HF generate's output, engine.py
+        out = E.generate(hf, **batch, generation_config=gen_cfg, slots=slots)  # HF generate's, engine.py
     new = out[:, batch["input_ids"].shape[1] :].tolist()
     eos = set(gen_cfg.eos_token_id)
     rows = []
@@ -155,16 +152,8 @@ def _generate_batch(
         row = {"bench": bench, "id": rec.id, "sample": sample, "response": response, "answer": rec.answer}
         if rec.choices:
             row["choices"] = rec.choices
-        rows.append(
-            dict(
-                row,
-                meta=rec.meta,
-                extracted=extracted,
-                correct=correct,
-                truncated=truncated,
-                num_tokens=len(ids),
-            )
-        )
+        graded = dict(extracted=extracted, correct=correct, truncated=truncated, num_tokens=len(ids))
+        rows.append(dict(row, meta=rec.meta, **graded))
     return rows
 
 
@@ -206,6 +195,7 @@ def evaluate_records(
     lengths = {id(r): D.prompt_length(r, processor, prompt, placement) for r in records}
     batches = plan_batches([lengths[id(r)] for r, _ in jobs], batch_size)
     gen_cfg = S.generation_config(processor.tokenizer, temperature, top_p, max_new_tokens)
+    kw = dict(bench=bench, prompt=prompt, placement=placement, max_prompt_len=max_prompt_len, slots=slots)
     rows: list[dict] = []
     bar = None
     if progress and d.main and jobs:
@@ -217,18 +207,9 @@ def evaluate_records(
             b = first + d.rank
             local = []
             if b < len(batches):
-                local = _generate_batch(
-                    hf,
-                    processor,
-                    [jobs[i] for i in batches[b]],
-                    gen_cfg,
-                    zlib.crc32(f"{seed}:{bench}:{b}".encode()),
-                    bench=bench,
-                    prompt=prompt,
-                    placement=placement,
-                    max_prompt_len=max_prompt_len,
-                    slots=slots,
-                )
+                batch_jobs = [jobs[i] for i in batches[b]]
+                batch_seed = zlib.crc32(f"{seed}:{bench}:{b}".encode())
+                local = _generate_batch(hf, processor, batch_jobs, gen_cfg, batch_seed, **kw)
             new = [row for part in all_gather_objects(local, d) for row in part]
             if on_rows is not None and d.main:
                 on_rows(new)
@@ -240,12 +221,9 @@ def evaluate_records(
         bar.close()
     rows.sort(key=lambda r: (r["id"], r["sample"]))
     n = max(1, len(rows))
-    return dict(
-        summarize(bench, rows),
-        format=sum(reward.format_reward(r["response"]) for r in rows) / n,
-        resp_len=sum(r["num_tokens"] for r in rows) / n,
-        responses=rows,
-    )
+    fmt = sum(reward.format_reward(r["response"]) for r in rows) / n
+    resp_len = sum(r["num_tokens"] for r in rows) / n
+    return dict(summarize(bench, rows), format=fmt, resp_len=resp_len, responses=rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,11 +376,8 @@ def main(cfg: EvalConfig) -> dict | None:
         return score_only(cfg)
     benches = parse_bench(cfg.bench)
     d = init_distributed(timeout_min=cfg.dist_timeout_min)
-    dtype = (
-        getattr(torch, cfg.dtype)
-        if cfg.dtype != "auto"
-        else (torch.bfloat16 if d.device.type == "cuda" else torch.float32)
-    )
+    auto = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else auto
     prompt, placement = M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement)
     pred_path = os.path.join(cfg.out_dir, "predictions.jsonl")
     done = None
@@ -423,6 +398,10 @@ def main(cfg: EvalConfig) -> dict | None:
     )
     processor = M.load_processor(cfg.model)
     M.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
+    # evaluate_records' arguments shared by every bench
+    kw = dict(prompt=prompt, placement=placement, dist=d, slots=cfg.slots, seed=cfg.seed, progress=True)
+    kw.update(max_new_tokens=cfg.max_new_tokens, max_prompt_len=cfg.max_prompt_len or None)
+    kw.update(batch_size=cfg.batch_size, on_rows=lambda rows: _write_jsonl(pred_path, rows, "a"))
     jobs = {}
     for label, records in loaded:
         k = cfg.samples or (B.BENCHMARKS[label].samples if label in B.BENCHMARKS else 1)
@@ -431,26 +410,9 @@ def main(cfg: EvalConfig) -> dict | None:
         if cfg.blank_images:
             records = B.blank_record_images(records, os.path.join(cfg.out_dir, "images_blank"))
         jobs[label] = {(r.id, s) for r in records for s in range(k)}
-        evaluate_records(
-            model,
-            processor,
-            records,
-            prompt=prompt,
-            placement=placement,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=cfg.batch_size,
-            dist=d,
-            slots=cfg.slots,
-            temperature=temperature,
-            top_p=top_p,
-            samples=k,
-            seed=cfg.seed,
-            bench=label,
-            max_prompt_len=cfg.max_prompt_len or None,
-            skip={(i, s) for b, i, s in done if b == label},
-            on_rows=lambda rows: _write_jsonl(pred_path, rows, "a"),
-            progress=True,
-        )
+        skip = {(i, s) for b, i, s in done if b == label}
+        sample_kw = dict(temperature=temperature, top_p=top_p, samples=k)
+        evaluate_records(model, processor, records, bench=label, skip=skip, **sample_kw, **kw)
     if not d.main:
         return None
     rows = read_predictions(pred_path)
