@@ -47,6 +47,10 @@ import common as C
 ROOT = os.path.dirname(os.path.abspath(__file__))
 STAGES = {"sft": "SFTConfig", "grpo_mm": "GRPOConfig", "grpo_text": "GRPOTextConfig"}
 RESERVED = ("model", "seed", "out_dir")  # set by this command for every run
+RULE = (
+    "outside the seed spread only when |mean_a - mean_b| > max(range_a, range_b), "
+    "range = max - min over seeds"
+)
 
 
 @dataclass
@@ -58,7 +62,7 @@ class AblateConfig:
     model: str = ""  # the starting checkpoint of every run (the stage's --model); required
     vary: str = ""  # FIELD=V1,V2,...: one field of the stage's config and its values; required
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    set: str = ""  # fixed stage overrides KEY=VALUE,KEY=VALUE (a piece without '=' continues the previous value)
+    set: str = ""  # fixed stage overrides KEY=VALUE,KEY=VALUE (a piece without '=' continues the last value)
     bench: str = ""  # held-out splits, eval.py's --bench LABEL=PATH[,...]; required
     blank: str = ""  # labels of --bench evaluated again with every image blanked (column LABEL_blank)
     metric: str = ""  # the label of the plot and the verdict; "" = the first label of --bench
@@ -81,7 +85,11 @@ class Run:
 
     @property
     def name(self) -> str:
-        return "start" if self.seed is None else f"{os.path.basename(os.path.dirname(self.dir))} seed {self.seed}"
+        return (
+            "start"
+            if self.seed is None
+            else f"{os.path.basename(os.path.dirname(self.dir))} seed {self.seed}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -155,7 +163,8 @@ def labels(cfg: AblateConfig) -> tuple[list[str], list[str]]:
 
 def launcher(cfg: AblateConfig) -> list[str]:
     if cfg.nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}"]
+        torchrun = ["torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}"]
+        return [sys.executable, "-m"] + torchrun
     return [sys.executable]
 
 
@@ -169,13 +178,20 @@ def plan(cfg: AblateConfig, passthrough: list[str]) -> tuple[str, list[Run], dic
     fixed = [f"--{k}={v}" for k, v in parse_pairs(cfg.set)] + passthrough
     for arg in fixed:
         if arg.startswith("--") and arg[2:].split("=", 1)[0].replace("-", "_") in RESERVED + (key,):
-            raise C.ConfigError(f"{arg}: set by ablate.py for every run (--model, --seeds, --vary, --out_dir)")
+            raise C.ConfigError(
+                f"{arg}: set by ablate.py for every run (--model, --seeds, --vary, --out_dir)"
+            )
     runs, args = [], {}
     for value in values:
         for seed in cfg.seeds:
             run = Run(value, seed, os.path.join(cfg.out_dir, "runs", f"{key}={slug(value)}", f"seed{seed}"))
-            argv = fixed + [f"--{key}={value}", f"--model={cfg.model}", f"--seed={seed}",
-                            f"--out_dir={os.path.join(run.dir, 'train')}"]
+            train_dir = os.path.join(run.dir, "train")
+            argv = fixed + [
+                f"--{key}={value}",
+                f"--model={cfg.model}",
+                f"--seed={seed}",
+                f"--out_dir={train_dir}",
+            ]
             C.parse_config(cls, argv)  # an unknown key or a bad value stops here, before any run starts
             runs.append(run)
             args[run.dir] = argv
@@ -185,13 +201,17 @@ def plan(cfg: AblateConfig, passthrough: list[str]) -> tuple[str, list[Run], dic
 def eval_commands(cfg: AblateConfig, model: str, run_dir: str) -> list[tuple[list[str], str]]:
     """[(eval.py command, its out_dir)]: the held-out splits, then the blank-image ones when asked."""
     _, blank = labels(cfg)
-    base = launcher(cfg) + [os.path.join(ROOT, "eval.py"), f"--model={model}",
-                            f"--max_new_tokens={cfg.eval_max_new_tokens}", f"--batch_size={cfg.eval_batch_size}"]
+    base = launcher(cfg) + [
+        os.path.join(ROOT, "eval.py"),
+        f"--model={model}",
+        f"--max_new_tokens={cfg.eval_max_new_tokens}",
+        f"--batch_size={cfg.eval_batch_size}",
+    ]
     out = [(base + [f"--bench={cfg.bench}", f"--out_dir={run_dir}/eval"], f"{run_dir}/eval")]
     if blank:
         spec = ",".join(p for p in cfg.bench.split(",") if p.split("=", 1)[0] in blank)
-        out.append((base + [f"--bench={spec}", "--blank_images", f"--out_dir={run_dir}/eval_blank"],
-                    f"{run_dir}/eval_blank"))
+        blank_dir = f"{run_dir}/eval_blank"
+        out.append((base + [f"--bench={spec}", "--blank_images", f"--out_dir={blank_dir}"], blank_dir))
     return out
 
 
@@ -203,8 +223,8 @@ def steps(cfg: AblateConfig, run: Run, stage_args: list[str] | None) -> list[tup
         train = os.path.join(run.dir, "train")
         model = os.path.join(train, "final")
         if not os.path.isdir(model):
-            todo.append(("train", launcher(cfg) + [os.path.join(ROOT, f"{cfg.stage}.py")] + stage_args,
-                         os.path.join(run.dir, "train.log")))
+            train_cmd = launcher(cfg) + [os.path.join(ROOT, f"{cfg.stage}.py")] + stage_args
+            todo.append(("train", train_cmd, os.path.join(run.dir, "train.log")))
     for cmd, out in eval_commands(cfg, model, run.dir):
         if not os.path.exists(os.path.join(out, "results.json")):
             todo.append(("eval", cmd, out + ".log"))
@@ -229,7 +249,9 @@ def slots(cfg: AblateConfig) -> list[dict[str, str]]:
     return [dict(env, CUDA_VISIBLE_DEVICES=",".join(g)) for g in groups]
 
 
-def execute(work: list[tuple[Run, list[tuple[str, list[str], str]]]], envs: list[dict[str, str]]) -> list[str]:
+def execute(
+    work: list[tuple[Run, list[tuple[str, list[str], str]]]], envs: list[dict[str, str]]
+) -> list[str]:
     """Run each run's steps in order, runs concurrently over the slots; returns the failures (one line each)."""
     free: queue.Queue = queue.Queue()
     for env in envs:
@@ -246,11 +268,16 @@ def execute(work: list[tuple[Run, list[tuple[str, list[str], str]]]], envs: list
                 with open(log, "a") as f:
                     f.write("$ " + " ".join(cmd) + "\n")
                     f.flush()
-                    rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()).returncode
+                    rc = subprocess.run(
+                        cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()
+                    ).returncode
                 seconds = round(time.time() - t0, 1)
                 with lock:
-                    print(f"[{k}/{len(work)}] {run.name}: {what} {'done' if rc == 0 else f'FAILED (exit {rc})'} "
-                          f"in {seconds:.0f} s (log: {log})", flush=True)
+                    print(
+                        f"[{k}/{len(work)}] {run.name}: {what} {'done' if rc == 0 else f'FAILED (exit {rc})'} "
+                        f"in {seconds:.0f} s (log: {log})",
+                        flush=True,
+                    )
                     if rc:
                         failures.append(f"{run.name}: {what} exited {rc}; see {log}")
                         return
@@ -298,8 +325,14 @@ def results_of(cfg: AblateConfig, run_dir: str) -> dict[str, float] | None:
 
 
 def spread_stats(values: list[float]) -> dict:
-    return {"n": len(values), "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "range": max(values) - min(values)}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "range": max(values) - min(values),
+    }
 
 
 def verdict(a: str, sa: dict, b: str, sb: dict) -> dict:
@@ -312,7 +345,7 @@ def verdict(a: str, sa: dict, b: str, sb: dict) -> dict:
         inside, text = False, "OUTSIDE the seed spread"
     else:
         inside, text = True, "INSIDE the seed spread: not established at this number of seeds"
-    line = (f"{a} - {b}: {100 * diff:+.1f} points; largest seed range {100 * spread:.1f} points: {text}")
+    line = f"{a} - {b}: {100 * diff:+.1f} points; largest seed range {100 * spread:.1f} points: {text}"
     return {"a": a, "b": b, "diff": diff, "spread": spread, "inside": inside, "text": line}
 
 
@@ -327,28 +360,49 @@ def summarize(cfg: AblateConfig, key: str, runs: list[Run]) -> dict:
         v = variants.setdefault(run.value, {"value": run.value, "name": f"{key}={run.value}", "runs": []})
         res = results_of(cfg, run.dir)
         if res is not None and os.path.isdir(os.path.join(run.dir, "train", "final")):
-            v["runs"].append({"seed": run.seed, "dir": run.dir, "results": res,
-                              "seconds": _load(os.path.join(run.dir, "seconds.json")) or {}})
+            seconds = _load(os.path.join(run.dir, "seconds.json")) or {}
+            v["runs"].append({"seed": run.seed, "dir": run.dir, "results": res, "seconds": seconds})
     for v in variants.values():
-        v["stats"] = {c: spread_stats([r["results"][c] for r in v["runs"]]) for c in cols
-                      if v["runs"] and all(c in r["results"] for r in v["runs"])}
-    done = sorted((v for v in variants.values() if metric in v["stats"]), key=lambda v: -v["stats"][metric]["mean"])
-    pairs = [verdict(a["name"], a["stats"][metric], b["name"], b["stats"][metric])
-             for i, a in enumerate(done) for b in done[i + 1 :]]
+        v["stats"] = {
+            c: spread_stats([r["results"][c] for r in v["runs"]])
+            for c in cols
+            if v["runs"] and all(c in r["results"] for r in v["runs"])
+        }
+    done = sorted(
+        (v for v in variants.values() if metric in v["stats"]), key=lambda v: -v["stats"][metric]["mean"]
+    )
+    pairs = [
+        verdict(a["name"], a["stats"][metric], b["name"], b["stats"][metric])
+        for i, a in enumerate(done)
+        for b in done[i + 1 :]
+    ]
     start = results_of(cfg, os.path.join(cfg.out_dir, "start")) if cfg.eval_start else None
-    return {"stage": cfg.stage, "model": cfg.model, "field": key, "seeds": cfg.seeds, "metric": metric,
-            "columns": cols, "start": start, "variants": list(variants.values()), "comparisons": pairs,
-            "rule": "outside the seed spread only when |mean_a - mean_b| > max(range_a, range_b), "
-                    "range = max - min over seeds"}
+    return {
+        "stage": cfg.stage,
+        "model": cfg.model,
+        "field": key,
+        "seeds": cfg.seeds,
+        "metric": metric,
+        "columns": cols,
+        "start": start,
+        "variants": list(variants.values()),
+        "comparisons": pairs,
+        "rule": RULE,
+    }
 
 
 def markdown(s: dict) -> str:
     m, seeds = s["metric"], s["seeds"]
-    lines = [f"# Ablation: {s['stage']}, {s['field']} over {len(s['variants'])} values x seeds {seeds}", "",
-             f"Starting checkpoint: `{s['model']}`. Held-out metric: `{m}` accuracy (fractions; a point is 0.01).", "",
-             f"| {s['field']} | mean | " + " | ".join(f"seed {x}" for x in seeds) + " | std | range |"
-             + (" gain vs start (points) |" if s["start"] else ""),
-             "|---" * (4 + len(seeds) + bool(s["start"])) + "|"]
+    seed_cols = " | ".join(f"seed {x}" for x in seeds)
+    gain_col = " gain vs start (points) |" if s["start"] else ""
+    lines = [
+        f"# Ablation: {s['stage']}, {s['field']} over {len(s['variants'])} values x seeds {seeds}",
+        "",
+        f"Starting checkpoint: `{s['model']}`. Held-out metric: `{m}` accuracy (fractions; a point is 0.01).",
+        "",
+        f"| {s['field']} | mean | {seed_cols} | std | range |{gain_col}",
+        "|---" * (4 + len(seeds) + bool(s["start"])) + "|",
+    ]
     if s["start"]:
         lines.append(f"| start | {s['start'][m]:.3f} | " + " | ".join("" for _ in seeds) + " |  |  |  |")
     for v in s["variants"]:
@@ -357,16 +411,28 @@ def markdown(s: dict) -> str:
         cells = [f"{by_seed[x]:.3f}" if by_seed.get(x) is not None else "-" for x in seeds]
         head = f"| {v['value']} | {st['mean']:.3f} | " if st else f"| {v['value']} | - | "
         tail = f" | {st['std']:.3f} | {st['range']:.3f} |" if st else " | - | - |"
-        gain = f" {100 * (st['mean'] - s['start'][m]):+.1f} |" if s["start"] and st else (" - |" if s["start"] else "")
+        gain = ""
+        if s["start"]:
+            gain = f" {100 * (st['mean'] - s['start'][m]):+.1f} |" if st else " - |"
         lines.append(head + " | ".join(cells) + tail + gain)
-    lines += ["", "Every held-out column, mean over seeds (std):", "",
-              f"| {s['field']} | " + " | ".join(s["columns"]) + " | train s (mean) |", "|---" * (len(s["columns"]) + 2) + "|"]
+    lines += [
+        "",
+        "Every held-out column, mean over seeds (std):",
+        "",
+        f"| {s['field']} | " + " | ".join(s["columns"]) + " | train s (mean) |",
+        "|---" * (len(s["columns"]) + 2) + "|",
+    ]
     if s["start"]:
-        lines.append("| start | " + " | ".join(f"{s['start'].get(c, float('nan')):.3f}" for c in s["columns"]) + " |  |")
+        start_cells = " | ".join(f"{s['start'].get(c, float('nan')):.3f}" for c in s["columns"])
+        lines.append(f"| start | {start_cells} |  |")
     for v in s["variants"]:
-        cells = [f"{v['stats'][c]['mean']:.3f} ({v['stats'][c]['std']:.3f})" if c in v["stats"] else "-" for c in s["columns"]]
+        cells = [
+            f"{v['stats'][c]['mean']:.3f} ({v['stats'][c]['std']:.3f})" if c in v["stats"] else "-"
+            for c in s["columns"]
+        ]
         secs = [r["seconds"].get("train", 0.0) for r in v["runs"]]
-        lines.append(f"| {v['value']} | " + " | ".join(cells) + f" | {statistics.fmean(secs) if secs else 0:.0f} |")
+        train_s = statistics.fmean(secs) if secs else 0
+        lines.append(f"| {v['value']} | " + " | ".join(cells) + f" | {train_s:.0f} |")
     lines += ["", f"Verdict on `{m}` (rule: {s['rule']}):", ""] + [f"- {p['text']}" for p in s["comparisons"]]
     return "\n".join(lines) + "\n"
 
@@ -386,16 +452,21 @@ def plot(s: dict, path: str) -> None:
             r = next((r for r in v["runs"] if r["seed"] == seed), None)
             if r is not None and m in r["results"]:
                 off = (j - (len(s["seeds"]) - 1) / 2) * 0.08
-                ax.plot(i + off, r["results"][m], "o", color=colors[j % len(colors)], label=f"seed {seed}" if i == 0 else None)
+                label = f"seed {seed}" if i == 0 else None
+                ax.plot(i + off, r["results"][m], "o", color=colors[j % len(colors)], label=label)
         if m in v["stats"]:
-            ax.hlines(v["stats"][m]["mean"], i - 0.3, i + 0.3, color="black", lw=2, label="mean" if i == 0 else None)
+            ax.hlines(
+                v["stats"][m]["mean"], i - 0.3, i + 0.3, color="black", lw=2, label="mean" if i == 0 else None
+            )
     if s["start"]:
         ax.axhline(s["start"][m], ls="--", color="gray", label="start")
     ax.set_xticks(range(len(s["variants"])), [v["name"] for v in s["variants"]])
     ax.set_ylabel(f"{m} accuracy (held out)")
     inside = [p for p in s["comparisons"] if p["inside"]]
-    ax.set_title(f"{s['stage']}: {s['field']}; {len(inside)} of {len(s['comparisons'])} differences inside the seed spread",
-                 fontsize=10)
+    ax.set_title(
+        f"{s['stage']}: {s['field']}; {len(inside)} of {len(s['comparisons'])} differences inside the seed spread",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -411,15 +482,20 @@ def main(argv: list[str] | None = None) -> dict:
         start = Run("start", None, os.path.join(cfg.out_dir, "start"))
         work.insert(0, (start, steps(cfg, start, None)))
     todo = [(r, t) for r, t in work if t]
-    print(f"ablate: {cfg.stage}, {key} = {', '.join(dict.fromkeys(r.value for r in runs))}, seeds {cfg.seeds}: "
-          f"{len(todo)} to run, {len(work) - len(todo)} finished already", flush=True)
+    print(
+        f"ablate: {cfg.stage}, {key} = {', '.join(dict.fromkeys(r.value for r in runs))}, seeds {cfg.seeds}: "
+        f"{len(todo)} to run, {len(work) - len(todo)} finished already",
+        flush=True,
+    )
     if cfg.dry_run:
         for run, steps_left in todo:
             for what, cmd, _ in steps_left:
                 print(f"{run.name}: {what}: {' '.join(cmd)}")
         return {}
     if todo and cfg.model not in ("tiny", "tiny-qwen") and not os.path.isdir(cfg.model):
-        raise C.ConfigError(f"--model {cfg.model}: no such checkpoint directory (the starting point of every run)")
+        raise C.ConfigError(
+            f"--model {cfg.model}: no such checkpoint directory (the starting point of every run)"
+        )
     failures = execute(todo, slots(cfg)) if todo else []
     summary = summarize(cfg, key, runs)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -47,12 +47,17 @@ class Benchmark:
 
 
 BENCHMARKS = {
-    "mathverse": Benchmark(3940, 53.6), "mathvision": Benchmark(3040, 48.8), "mathvista": Benchmark(1000, 73.1),
-    "wemath": Benchmark(1740, 42.0, paper_metric="score_strict"), "logicvista": Benchmark(448, 52.3),
+    "mathverse": Benchmark(3940, 53.6),
+    "mathvision": Benchmark(3040, 48.8),
+    "mathvista": Benchmark(1000, 73.1),
+    "wemath": Benchmark(1740, 42.0, paper_metric="score_strict"),
+    "logicvista": Benchmark(448, 52.3),
     "dynamath": Benchmark(5010, 27.5, paper_metric="worst_case"),
-    "aime24": Benchmark(30, 53.3, samples=8), "aime25": Benchmark(30, 43.3, samples=8),
-    "math500": Benchmark(500, 89.2), "gpqa": Benchmark(198, 47.5),
-}  # fmt: skip
+    "aime24": Benchmark(30, 53.3, samples=8),
+    "aime25": Benchmark(30, 43.3, samples=8),
+    "math500": Benchmark(500, 89.2),
+    "gpqa": Benchmark(198, 47.5),
+}
 DATA_EXTS = (".parquet", ".arrow", ".tsv", ".jsonl", ".json", ".csv")  # the first wins for a split in several
 _NOT_DATA = {"dataset_info", "dataset_dict", "state", "source", "readme"}  # metadata beside the data files
 
@@ -177,7 +182,8 @@ def _pick(bench: str, path: str, files: list[str], split: str | None) -> list[tu
         if split.lower() not in groups:
             raise D.DataError(f"{bench}: {path} has no split {split!r} (found: {', '.join(sorted(groups))})")
         return [(f, 0) for f in groups[split.lower()]]
-    if bench == "aime25" and set(groups) == {"aime2025-i", "aime2025-ii"}:  # opencompass/AIME2025: I + II = 30
+    # opencompass/AIME2025: I + II = 30
+    if bench == "aime25" and set(groups) == {"aime2025-i", "aime2025-ii"}:
         return [(f, 0) for k in sorted(groups) for f in groups[k]]
     if len(groups) > 1:
         names = sorted(groups)
@@ -224,7 +230,8 @@ def _col(row: dict, where: str, *names: str, required: bool = True):
             return v
     if required:
         alts = " or ".join(repr(n) for n in names)
-        state = "is empty" if any(n in row for n in names) else f"is missing (columns: {', '.join(map(str, row))})"
+        present = any(n in row for n in names)
+        state = "is empty" if present else f"is missing (columns: {', '.join(map(str, row))})"
         raise D.DataError(f"{where}: column {alts} {state}")
     return None
 
@@ -327,22 +334,53 @@ def _image_cell(row: dict, *names: str) -> tuple[object, str]:
 # VLMEvalKit's TSV with `index` and a base64 `image`): ids, problem, gold, image (the first non-empty of the
 # alternatives wins), and what the metrics keep in `meta`. Quirks in _row_fields.
 COLUMNS = {
-    "mathverse": (("sample_index", "index"), ("query_cot", "question"), ("answer",), ("image", "decoded_image"),
-                  ("problem_version", "question_type", "problem_index")),
-    "mathvision": (("id", "index"), ("question",), ("answer",), ("decoded_image", "image"), ("level", "subject")),
-    "mathvista": (("pid", "_key", "index"), ("query", "question"), ("answer",), ("decoded_image", "image"),
-                  ("question_type", "answer_type", "precision", "unit")),
-    "wemath": (("ID",), ("question",), ("answer",), ("image_path", "image", "decoded_image"),
-               ("key", "knowledge concept")),
-    "logicvista": (("id", "_key", "index"), ("question",), ("answer",), ("image", "imagename", "decoded_image"),
-                   ("skill",)),
-    "dynamath": (("id", "qid"), ("question",), ("ground_truth", "answer"), ("decoded_image", "image"),
-                 ("answer_type", "subject", "knowledge_level")),
+    "mathverse": (
+        ("sample_index", "index"),
+        ("query_cot", "question"),
+        ("answer",),
+        ("image", "decoded_image"),
+        ("problem_version", "question_type", "problem_index"),
+    ),
+    "mathvision": (
+        ("id", "index"),
+        ("question",),
+        ("answer",),
+        ("decoded_image", "image"),
+        ("level", "subject"),
+    ),
+    "mathvista": (
+        ("pid", "_key", "index"),
+        ("query", "question"),
+        ("answer",),
+        ("decoded_image", "image"),
+        ("question_type", "answer_type", "precision", "unit"),
+    ),
+    "wemath": (
+        ("ID",),
+        ("question",),
+        ("answer",),
+        ("image_path", "image", "decoded_image"),
+        ("key", "knowledge concept"),
+    ),
+    "logicvista": (
+        ("id", "_key", "index"),
+        ("question",),
+        ("answer",),
+        ("image", "imagename", "decoded_image"),
+        ("skill",),
+    ),
+    "dynamath": (
+        ("id", "qid"),
+        ("question",),
+        ("ground_truth", "answer"),
+        ("decoded_image", "image"),
+        ("answer_type", "subject", "knowledge_level"),
+    ),
     "aime24": (("id",), ("problem", "question"), ("answer",), (), ()),
     "aime25": (("id",), ("problem", "question"), ("answer",), (), ()),
     "math500": (("unique_id", "id"), ("problem",), ("answer",), (), ("subject", "level")),
     "gpqa": (("Record ID",), ("Question",), ("Correct Answer",), (), ("Subdomain",)),
-}  # fmt: skip
+}
 
 
 def _row_fields(bench: str, row: dict, where: str, index: int, seed: int) -> tuple:
@@ -354,7 +392,8 @@ def _row_fields(bench: str, row: dict, where: str, index: int, seed: int) -> tup
         for names in (problems, answers):
             if not any(n in row for n in names):
                 _col(row, where, *names)  # a missing column is still an error
-        problem, answer = (_text(_col(row, where, *names, required=False) or "") for names in (problems, answers))
+        problem = _text(_col(row, where, *problems, required=False) or "")
+        answer = _text(_col(row, where, *answers, required=False) or "")
     else:
         problem, answer = _text(_col(row, where, *problems)), _text(_col(row, where, *answers))
     meta = {k: row[k] for k in keep if row.get(k) is not None}
@@ -362,13 +401,15 @@ def _row_fields(bench: str, row: dict, where: str, index: int, seed: int) -> tup
     if bench in ("mathvision", "mathvista"):  # a list column; empty = free form
         choices = [_text(c) for c in row.get("options" if bench == "mathvision" else "choices") or []] or None
         if meta.get("precision") is not None:
-            meta["precision"] = int(meta["precision"]) if meta["precision"] == meta["precision"] else None  # NaN
+            p = meta["precision"]
+            meta["precision"] = int(p) if p == p else None  # NaN != NaN: None
         if bench == "mathvista" and row.get("query"):
             meta["options_in_problem"] = True  # the official `query` prompt lists the choices itself
     elif bench == "wemath":  # HF: one string "A. 3;B. 4"; VLMEvalKit TSV: columns A, B, ...
         if row.get("option"):
             choices = _wemath_options(_text(row["option"]), where)
-            problem, meta["options_in_problem"] = f"{problem}\n{_text(row['option'])}", True  # lmms-eval prompt
+            problem = f"{problem}\n{_text(row['option'])}"  # lmms-eval prompt
+            meta["options_in_problem"] = True
         else:
             choices = [_text(row[c]) for c in "ABCDEFGH" if row.get(c) not in (None, "")]
             if len(choices) < 2:
@@ -403,8 +444,10 @@ def load_benchmark(
     Bad input raises data.DataError naming bench, file, row and column."""
     if label not in BENCHMARKS:
         if not path.endswith(".jsonl"):
-            raise D.DataError(f"{label}: unknown benchmark name for {path} (known: {', '.join(BENCHMARKS)}; any "
-                              "other label takes a .jsonl file in the project's record format)")  # fmt: skip
+            raise D.DataError(
+                f"{label}: unknown benchmark name for {path} (known: {', '.join(BENCHMARKS)}; any "
+                "other label takes a .jsonl file in the project's record format)"
+            )
         return D.load_records(path, limit=limit)
     records, seen = [], {}
     for index, (where, row, base) in enumerate(islice(_table(label, path, split), limit)):
@@ -417,8 +460,10 @@ def load_benchmark(
             dest = os.path.join(cache_dir, label, _safe_name(rid) + ".png")
             images = [_cache_image(cell, where, column, base, dest)]
         meta = {k: v for k, v in meta.items() if v is not None}
-        records.append(D.Record(id=rid, problem=problem, answer=answer, images=images, choices=choices,
-                                source=where, meta=meta))  # fmt: skip
+        record = D.Record(
+            id=rid, problem=problem, answer=answer, images=images, choices=choices, source=where, meta=meta
+        )
+        records.append(record)
     if not records:
         raise D.DataError(f"{label}: {path}: no rows")
     return records

@@ -104,7 +104,11 @@ def config_help(cls) -> str:
     """The one help format of every command: each field with its type, default and help."""
     hints = typing.get_type_hints(cls)
     helps = _field_help(cls)
-    lines = [f"{cls.__doc__ or cls.__name__}", "", "Fields (--key=value or --key value; --config FILE.yaml sets several):"]
+    lines = [
+        f"{cls.__doc__ or cls.__name__}",
+        "",
+        "Fields (--key=value or --key value; --config FILE.yaml sets several):",
+    ]
     for f in fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = type_name(hints[f.name])
@@ -128,7 +132,9 @@ def parse_config(cls, argv: list[str] | None = None):
             raise ConfigError(f"unexpected argument {arg!r} (expected --key=value)")
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
-        elif hints.get(arg[2:].replace("-", "_")) is bool and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+        elif hints.get(arg[2:].replace("-", "_")) is bool and (
+            i + 1 == len(argv) or argv[i + 1].startswith("--")
+        ):
             key, value = arg[2:], "true"  # a bare boolean flag: `--blank_images`
         else:
             if i + 1 >= len(argv):
@@ -204,7 +210,9 @@ def init_distributed(device: str = "auto", timeout_min: float = 180) -> Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min)
+        )
     return Dist(rank, world, local, dev)
 
 
@@ -311,7 +319,8 @@ class JsonlLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:  # a line cut by a kill mid-write has no newline, or does not parse: dropped
+        # a line cut by a kill mid-write has no newline, or does not parse: dropped
+        with open(self.path) as f:
             keep = [ln for ln in f if ln.endswith("\n") and ln.strip() and _step_of(ln) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
@@ -377,8 +386,8 @@ def latest_checkpoint(out_dir: str) -> str | None:
     root = os.path.join(out_dir, "ckpt")
     if not os.path.isdir(root):
         return None
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")
-                  and os.path.isfile(os.path.join(root, d, "state.json")))  # fmt: skip
+    names = [d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")]
+    done = sorted(d for d in names if os.path.isfile(os.path.join(root, d, "state.json")))
     return os.path.join(root, done[-1]) if done else None
 
 

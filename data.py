@@ -30,7 +30,8 @@ REASONING_PROMPT = (
     "final answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE "
     "put in \\boxed{}."
 )
-PLACEMENTS = ("system", "user")  # system turn (paper Fig. 5, default) or appended to the user turn (released code)
+# system turn (paper Fig. 5, default) or appended to the user turn (released code)
+PLACEMENTS = ("system", "user")
 VISION_MARKERS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
@@ -99,8 +100,9 @@ def _check_str(obj: dict, key: str, where: str, required: bool) -> str | None:
     return value
 
 
-def parse_record(obj: object, base_dir: str, where: str, require_solution: bool = False,
-                 check_images: bool = True) -> Record:  # fmt: skip
+def parse_record(
+    obj: object, base_dir: str, where: str, require_solution: bool = False, check_images: bool = True
+) -> Record:
     """One JSON object -> Record, with every field checked. `where` is "file:line" for messages."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
@@ -129,12 +131,25 @@ def parse_record(obj: object, base_dir: str, where: str, require_solution: bool 
         if check_images:
             open_image(path, where)
         paths.append(path)
-    return Record(id=str(rid), problem=problem, answer=answer.strip(), images=paths, choices=choices,
-                  solution=solution, source=where)  # fmt: skip
+    return Record(
+        id=str(rid),
+        problem=problem,
+        answer=answer.strip(),
+        images=paths,
+        choices=choices,
+        solution=solution,
+        source=where,
+    )
 
 
-def load_records(paths: str | list[str], require_solution: bool = False, skip_bad: bool = False,
-                 check_images: bool = True, limit: int | None = None, image_dir: str = "") -> list[Record]:  # fmt: skip
+def load_records(
+    paths: str | list[str],
+    require_solution: bool = False,
+    skip_bad: bool = False,
+    check_images: bool = True,
+    limit: int | None = None,
+    image_dir: str = "",
+) -> list[Record]:
     """JSONL records from one path, a comma-separated list, or a list of paths (CONTRACT: Data records).
     Relative image paths start from `image_dir` when given, else from the JSONL file's own folder."""
     if isinstance(paths, str):
@@ -180,7 +195,8 @@ def build_messages(record: Record, prompt: str = REASONING_PROMPT, placement: st
     if placement not in PLACEMENTS:
         raise ValueError(f"prompt placement must be one of {PLACEMENTS}, got {placement!r}")
     text = record.problem
-    if record.choices and not record.meta.get("options_in_problem"):  # a benchmark prompt may list them itself
+    # a benchmark prompt may list them itself
+    if record.choices and not record.meta.get("options_in_problem"):
         text += "\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(record.choices))
     if placement == "user":
         text += "\n" + prompt
@@ -191,12 +207,18 @@ def build_messages(record: Record, prompt: str = REASONING_PROMPT, placement: st
     return messages
 
 
-def encode_prompt(record: Record, processor, prompt: str = REASONING_PROMPT, placement: str = "system",
-                  max_prompt_len: int | None = None) -> EncodedPrompt:  # fmt: skip
+def encode_prompt(
+    record: Record,
+    processor,
+    prompt: str = REASONING_PROMPT,
+    placement: str = "system",
+    max_prompt_len: int | None = None,
+) -> EncodedPrompt:
     """Tokenised prompt (ending in '<|im_start|>assistant\\n') with each image processed once."""
     tokenizer = processor.tokenizer
-    text = tokenizer.apply_chat_template(build_messages(record, prompt, placement), tokenize=False,
-                                         add_generation_prompt=True)  # fmt: skip
+    text = tokenizer.apply_chat_template(
+        build_messages(record, prompt, placement), tokenize=False, add_generation_prompt=True
+    )
     pixel_values = grid = None
     if record.images:
         images = [open_image(p, record.source) for p in record.images]
@@ -205,22 +227,29 @@ def encode_prompt(record: Record, processor, prompt: str = REASONING_PROMPT, pla
         merge = processor.image_processor.merge_size
         pieces = text.split("<|image_pad|>")
         if len(pieces) != len(images) + 1:
-            raise DataError(f"{record.source}: field 'images': {len(images)} images but {len(pieces) - 1} placeholders")
+            raise DataError(
+                f"{record.source}: field 'images': {len(images)} images but {len(pieces) - 1} placeholders"
+            )
         counts = (grid.prod(-1) // merge**2).tolist()
         text = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, pieces[1:]))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if max_prompt_len is not None and len(ids) > max_prompt_len:
-        raise DataError(f"{record.source}: field 'problem': prompt is {len(ids)} tokens, over max_prompt_len "
-                        f"{max_prompt_len}")  # fmt: skip
+        raise DataError(
+            f"{record.source}: field 'problem': prompt is {len(ids)} tokens, over max_prompt_len "
+            f"{max_prompt_len}"
+        )
     return EncodedPrompt(record, ids, pixel_values, grid)
 
 
-def prompt_length(record: Record, processor, prompt: str = REASONING_PROMPT, placement: str = "system") -> int:
+def prompt_length(
+    record: Record, processor, prompt: str = REASONING_PROMPT, placement: str = "system"
+) -> int:
     """Prompt tokens as encode_prompt makes them, from the image sizes alone: each image's header is read, its
     pixels are not decoded (the processor's min/max pixel bounds give its token count)."""
     tok, ip = processor.tokenizer, processor.image_processor
-    text = tok.apply_chat_template(build_messages(record, prompt, placement), tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        build_messages(record, prompt, placement), tokenize=False, add_generation_prompt=True
+    )
     n = len(tok(text, add_special_tokens=False)["input_ids"])
     for path in record.images:
         w, h = image_size(path, record.source)
@@ -230,11 +259,18 @@ def prompt_length(record: Record, processor, prompt: str = REASONING_PROMPT, pla
 
 def encode_completion(text: str, tokenizer) -> list[int]:
     """An assistant turn's tokens, closed by <|im_end|> (trained, and counted in L_y)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [im_end]
 
 
-def encode_all(records: list[Record], processor, prompt: str = REASONING_PROMPT, placement: str = "system",
-               max_prompt_len: int | None = None, skip_bad: bool = False) -> list[EncodedPrompt]:  # fmt: skip
+def encode_all(
+    records: list[Record],
+    processor,
+    prompt: str = REASONING_PROMPT,
+    placement: str = "system",
+    max_prompt_len: int | None = None,
+    skip_bad: bool = False,
+) -> list[EncodedPrompt]:
     out, skipped = [], 0
     for r in records:
         try:
@@ -257,8 +293,9 @@ def _cat_images(prompts: list[EncodedPrompt]) -> tuple[torch.Tensor | None, torc
     return (torch.cat(pv), torch.cat(grids)) if pv else (None, None)
 
 
-def collate_sequences(prompts: list[EncodedPrompt], completions: list[list[int]], pad_id: int,
-                      image_token_id: int) -> dict[str, torch.Tensor]:  # fmt: skip
+def collate_sequences(
+    prompts: list[EncodedPrompt], completions: list[list[int]], pad_id: int, image_token_id: int
+) -> dict[str, torch.Tensor]:
     """Prompt + completion per sample, right-padded. `target_mask` marks completion tokens (those trained on);
     `labels` is input_ids with -100 outside them. A prompt repeated for its group is the same EncodedPrompt
     object: its pixels were processed once and are only concatenated again here."""
@@ -272,25 +309,35 @@ def collate_sequences(prompts: list[EncodedPrompt], completions: list[list[int]]
         attention_mask[i, : len(s)] = 1
         target_mask[i, len(p.input_ids) : len(s)] = True
     pixel_values, grid = _cat_images(prompts)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "target_mask": target_mask,
-            "labels": input_ids.masked_fill(~target_mask, -100),
-            "mm_token_type_ids": (input_ids == image_token_id).int(),
-            "pixel_values": pixel_values, "image_grid_thw": grid}  # fmt: skip
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "target_mask": target_mask,
+        "labels": input_ids.masked_fill(~target_mask, -100),
+        "mm_token_type_ids": (input_ids == image_token_id).int(),
+        "pixel_values": pixel_values,
+        "image_grid_thw": grid,
+    }
 
 
-def collate_sft(prompts: list[EncodedPrompt], tokenizer, image_token_id: int, max_len: int | None = None,
-                ) -> dict[str, torch.Tensor]:  # fmt: skip
+def collate_sft(
+    prompts: list[EncodedPrompt], tokenizer, image_token_id: int, max_len: int | None = None
+) -> dict[str, torch.Tensor]:
     """SFT batch: the record's `solution` is the assistant turn; loss on its tokens and the closing <|im_end|>."""
     completions = [encode_completion(p.record.solution or "", tokenizer) for p in prompts]
     if max_len is not None:
         for p, c in zip(prompts, completions):
             if len(p.input_ids) + len(c) > max_len:
-                raise DataError(f"{p.record.source}: field 'solution': prompt + solution is "
-                                f"{len(p.input_ids) + len(c)} tokens, over max_len {max_len}")  # fmt: skip
+                raise DataError(
+                    f"{p.record.source}: field 'solution': prompt + solution is "
+                    f"{len(p.input_ids) + len(c)} tokens, over max_len {max_len}"
+                )
     return collate_sequences(prompts, completions, tokenizer.pad_token_id, image_token_id)
 
 
-def collate_prompts(prompts: list[EncodedPrompt], pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
+def collate_prompts(
+    prompts: list[EncodedPrompt], pad_id: int, image_token_id: int
+) -> dict[str, torch.Tensor]:
     """Left-padded prompts for `generate` (new tokens then line up at the right edge)."""
     width = max(len(p.input_ids) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -299,15 +346,19 @@ def collate_prompts(prompts: list[EncodedPrompt], pad_id: int, image_token_id: i
         input_ids[i, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
         attention_mask[i, width - len(p.input_ids) :] = 1
     pixel_values, grid = _cat_images(prompts)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-             "mm_token_type_ids": (input_ids == image_token_id).int()}  # fmt: skip
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": (input_ids == image_token_id).int(),
+    }
     if pixel_values is not None:
         batch.update(pixel_values=pixel_values, image_grid_thw=grid)
     return batch
 
 
-def slice_pixel_values(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, images_per_sample: list[int],
-                       ) -> list[torch.Tensor]:  # fmt: skip
+def slice_pixel_values(
+    pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, images_per_sample: list[int]
+) -> list[torch.Tensor]:
     """Cut a batch's concatenated `pixel_values` back into one tensor per sample.
 
     Image j owns grid_t * grid_h * grid_w consecutive rows (patches); sample i owns its images_per_sample[i]
@@ -317,7 +368,9 @@ def slice_pixel_values(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
         raise ValueError(f"{sum(images_per_sample)} images for {len(image_grid_thw)} grids")
     rows_per_image = image_grid_thw.prod(-1).tolist()
     if sum(rows_per_image) != pixel_values.shape[0]:
-        raise ValueError(f"grids cover {sum(rows_per_image)} patches, pixel_values has {pixel_values.shape[0]}")
+        raise ValueError(
+            f"grids cover {sum(rows_per_image)} patches, pixel_values has {pixel_values.shape[0]}"
+        )
     out, row, img = [], 0, 0
     for k in images_per_sample:
         n = sum(rows_per_image[img : img + k])
@@ -403,7 +456,9 @@ def deal_bins(loads: list[int], world: int) -> list[list[int]]:
     return per_rank
 
 
-def packed_micro_batches(items: list[int], lengths: list[int], budget: int, world: int) -> list[list[list[int]]]:
+def packed_micro_batches(
+    items: list[int], lengths: list[int], budget: int, world: int
+) -> list[list[list[int]]]:
     """`items` (indices into `lengths`) packed by `pack_by_tokens` and dealt by `deal_bins`: per rank, its
     micro-batches (lists of items). Ranks may hold one micro-batch fewer than others; callers pad with fillers."""
     bins = [[items[j] for j in b] for b in pack_by_tokens([lengths[i] for i in items], budget)]

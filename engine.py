@@ -87,9 +87,16 @@ def _flash_kvcache():
         return None
 
 
-def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, scaling: float | None = None, slot_seqlens=None,
-                   **kwargs) -> tuple[torch.Tensor, None]:
+def slot_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    slot_seqlens=None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """One decode token per row against its slot's cache. query (R, H, 1, D); key/value (R, L, kv, D) (the slots'
     buffers up to the longest live row, `SlotCache`'s layout); attention_mask (R, 1, 1, L) bool, True for the
     row's valid positions; slot_seqlens (R,) int32 the same lengths (for flash-attn). -> (R, 1, H, D)."""
@@ -97,11 +104,14 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     kv = key.shape[2]
     flash = _flash_kvcache() if query.is_cuda and slot_seqlens is not None else None
     if flash is not None:  # untested in this repository's CI (no GPU): each row reads exactly its own length
-        out = flash(query.transpose(1, 2), key, value, cache_seqlens=slot_seqlens, softmax_scale=scaling, causal=True)
+        out = flash(
+            query.transpose(1, 2), key, value, cache_seqlens=slot_seqlens, softmax_scale=scaling, causal=True
+        )
         return out, None
     q = query.reshape(r, kv, h // kv * q_len, d)  # (R, kv, group, D): a KV head's query heads side by side
-    out = torch.nn.functional.scaled_dot_product_attention(q, key.transpose(1, 2), value.transpose(1, 2),
-                                                           attn_mask=attention_mask, scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, key.transpose(1, 2), value.transpose(1, 2), attn_mask=attention_mask, scale=scaling
+    )
     return out.reshape(r, h, q_len, d).transpose(1, 2), None
 
 
@@ -149,8 +159,8 @@ class SlotCache(Cache):
         tc = model.config.text_config
         head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
         p = next(model.parameters())
-        super().__init__(layers=[SlotLayer(slots, max_len, tc.num_key_value_heads, head_dim, p.dtype, p.device)
-                                 for _ in range(tc.num_hidden_layers)])
+        args = (slots, max_len, tc.num_key_value_heads, head_dim, p.dtype, p.device)
+        super().__init__(layers=[SlotLayer(*args) for _ in range(tc.num_hidden_layers)])
 
     @property
     def nbytes(self) -> int:
@@ -188,28 +198,47 @@ def images_per_row(input_ids: torch.Tensor, vision_start_id: int) -> list[int]:
     return (input_ids == vision_start_id).sum(-1).tolist()
 
 
-def select_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, mm_token_type_ids: torch.Tensor,
-                   row_pixels: list[torch.Tensor] | None, image_grid_thw: torch.Tensor | None,
-                   row_images: list[int], rows: list[int]) -> dict:
+def select_prompts(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mm_token_type_ids: torch.Tensor,
+    row_pixels: list[torch.Tensor] | None,
+    image_grid_thw: torch.Tensor | None,
+    row_images: list[int],
+    rows: list[int],
+) -> dict:
     """A left-padded sub-batch of prompt rows, cut to its own longest prompt, with its rows' images."""
     width = int(attention_mask[rows].sum(-1).max())
-    batch = {"input_ids": input_ids[rows, -width:], "attention_mask": attention_mask[rows, -width:],
-             "mm_token_type_ids": mm_token_type_ids[rows, -width:]}
+    batch = {
+        "input_ids": input_ids[rows, -width:],
+        "attention_mask": attention_mask[rows, -width:],
+        "mm_token_type_ids": mm_token_type_ids[rows, -width:],
+    }
     if row_pixels is not None and sum(row_images[r] for r in rows):
         first = [sum(row_images[:r]) for r in rows]
         # the call's pixels may stay on the host (grpo_mm.rollout keeps them there): only the admitted rows'
         # images go to the device, for their prefill
         batch["pixel_values"] = torch.cat([row_pixels[r] for r in rows]).to(input_ids.device)
-        batch["image_grid_thw"] = image_grid_thw[[i for r, f in zip(rows, first) for i in range(f, f + row_images[r])]]
+        images = [i for r, f in zip(rows, first) for i in range(f, f + row_images[r])]
+        batch["image_grid_thw"] = image_grid_thw[images]
     return batch
 
 
 @torch.no_grad()
-def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             generation_config: GenerationConfig, pixel_values: torch.Tensor | None = None,
-             image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
-             num_return_sequences: int = 1, slots: int = 0, logits_hook=None, stats: dict | None = None,
-             prefill_tokens: int = PREFILL_TOKENS) -> torch.Tensor:
+def generate(
+    model: Qwen2_5_VLForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generation_config: GenerationConfig,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+    num_return_sequences: int = 1,
+    slots: int = 0,
+    logits_hook=None,
+    stats: dict | None = None,
+    prefill_tokens: int = PREFILL_TOKENS,
+) -> torch.Tensor:
     """`sampling.generate`'s output for the same arguments (see the module docstring), decoded with continuous
     batching over `slots` decode slots (0: one per sequence). `stats`, when given, receives the run's numbers:
     steps (sampling steps), row_steps (rows the decoder ran, summed over steps), useful_tokens, admissions, prefills, kv_bytes, slots,
@@ -217,8 +246,10 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
     Configs the engine does not run go to `sampling.generate` unchanged."""
     gc, n = generation_config, num_return_sequences
     if not S.fast_generate_supported(gc):
-        return S.generate(model, input_ids, attention_mask, gc, pixel_values, image_grid_thw, mm_token_type_ids,
-                          num_return_sequences=n, logits_hook=logits_hook)
+        images = (pixel_values, image_grid_thw, mm_token_type_ids)
+        return S.generate(
+            model, input_ids, attention_mask, gc, *images, num_return_sequences=n, logits_hook=logits_hook
+        )
     device = input_ids.device
     cfg = model.config
     eos_ids = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
@@ -238,7 +269,8 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
     slots = min(slots or num_seqs, num_seqs)
     max_len = max(plen) + max_new
     cache = SlotCache(model, slots, max_len)
-    hidden_buf = torch.zeros(slots, cfg.text_config.hidden_size, dtype=next(model.parameters()).dtype, device=device)
+    param_dtype = next(model.parameters()).dtype
+    hidden_buf = torch.zeros(slots, cfg.text_config.hidden_size, dtype=param_dtype, device=device)
     pos = torch.zeros(slots, dtype=torch.long, device=device)  # the next token's M-RoPE position, per slot
     feed = torch.full((slots,), pad_id, dtype=torch.long, device=device)
     lm, cache_kw = model.model.language_model, cache_kwarg(model.model.language_model)
@@ -247,9 +279,10 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
     free = list(range(slots))
     out_tokens: list[list[int]] = [[] for _ in range(num_seqs)]
     next_seq = 0
-    pending: dict[int, dict] = {}  # prompt -> its prefilled KV, hidden state and position, until all n admitted
-    st = dict(steps=0, row_steps=0, useful_tokens=0, admissions=0, prefills=0, kv_bytes=cache.nbytes, slots=slots,
-              max_len=max_len)
+    # prompt -> its prefilled KV, hidden state and position, until all n admitted
+    pending: dict[int, dict] = {}
+    st = dict(steps=0, row_steps=0, useful_tokens=0, admissions=0, prefills=0)
+    st.update(kv_bytes=cache.nbytes, slots=slots, max_len=max_len)
     while True:
         # Admission: the next queued sequences into the free slots (lowest first); the prompts they need are
         # prefilled in parts of at most `prefill_tokens` padded tokens, each part's KV copied into its slots.

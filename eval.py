@@ -87,7 +87,7 @@ class EvalConfig:
     top_p: float = -1.0  # < 0: 0.95 when sampling, else 1
     max_new_tokens: int = 4096
     batch_size: int = 16  # prompts per generate call (per rank)
-    slots: int = 0  # engine decode slots per call (KV memory); 0: batch_size; fewer: continuous batching in a batch
+    slots: int = 0  # engine decode slots per call (KV memory); 0: batch_size; fewer: continuous batching
     prompt: str = ""  # "" = the prompt recorded in the model's revisual.json (else the paper's Fig. 5 prompt)
     placement: str = ""  # system | user; "" = as the checkpoint recorded (else system)
     blank_images: bool = False  # replace every image by a white one of the same size
@@ -99,7 +99,7 @@ class EvalConfig:
     dist_timeout_min: int = 180  # collective timeout (minutes)
     min_pixels: int = 0  # images resized to at least this many pixels (0: the checkpoint's own bound)
     max_pixels: int = 0  # and at most this many: max_pixels / 784 tokens per image (0: the checkpoint's own)
-    split: str = ""  # a folder's split/config: NAME for every bench, or LABEL=NAME[,LABEL=NAME...] ("" = the only one)
+    split: str = ""  # a folder's split/config: NAME for every bench, or LABEL=NAME[,...] ("" = the only one)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,20 +113,35 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def _generate_batch(hf, processor, jobs: list[tuple[D.Record, int]], gen_cfg, batch_seed: int, *, bench: str,
-                    prompt: str, placement: str, max_prompt_len: int | None, slots: int = 0) -> list[dict]:  # fmt: skip
+def _generate_batch(
+    hf,
+    processor,
+    jobs: list[tuple[D.Record, int]],
+    gen_cfg,
+    batch_seed: int,
+    *,
+    bench: str,
+    prompt: str,
+    placement: str,
+    max_prompt_len: int | None,
+    slots: int = 0,
+) -> list[dict]:
     tok = processor.tokenizer
     encoded: dict[int, D.EncodedPrompt] = {}
     for rec, _ in jobs:
         if id(rec) not in encoded:
             encoded[id(rec)] = D.encode_prompt(rec, processor, prompt, placement, max_prompt_len)
-    batch = D.collate_prompts([encoded[id(rec)] for rec, _ in jobs], tok.pad_token_id, hf.config.image_token_id)
+    encs = [encoded[id(rec)] for rec, _ in jobs]
+    batch = D.collate_prompts(encs, tok.pad_token_id, hf.config.image_token_id)
     param = next(hf.parameters())
-    batch = {k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else v.dtype) for k, v in batch.items()}
+    batch = {
+        k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else v.dtype)
+        for k, v in batch.items()
+    }
     devices = [param.device] if param.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():  # the caller's RNG stream is left alone
         torch.manual_seed(batch_seed)
-        out = E.generate(hf, **batch, generation_config=gen_cfg, slots=slots)  # HF generate's output, engine.py
+        out = E.generate(hf, **batch, generation_config=gen_cfg, slots=slots)  # HF generate's, engine.py
     new = out[:, batch["input_ids"].shape[1] :].tolist()
     eos = set(gen_cfg.eos_token_id)
     rows = []
@@ -137,18 +152,33 @@ def _generate_batch(hf, processor, jobs: list[tuple[D.Record, int]], gen_cfg, ba
         row = {"bench": bench, "id": rec.id, "sample": sample, "response": response, "answer": rec.answer}
         if rec.choices:
             row["choices"] = rec.choices
-        rows.append(dict(row, meta=rec.meta, extracted=extracted, correct=correct, truncated=truncated,
-                         num_tokens=len(ids)))  # fmt: skip
+        graded = dict(extracted=extracted, correct=correct, truncated=truncated, num_tokens=len(ids))
+        rows.append(dict(row, meta=rec.meta, **graded))
     return rows
 
 
-def evaluate_records(model, processor, records: list[D.Record], *, prompt: str = D.REASONING_PROMPT,
-                     placement: str = "system", max_new_tokens: int = 1024, batch_size: int = 8,
-                     dist: Dist | None = None, temperature: float = 0.0, blank_images: bool = False,
-                     top_p: float = 1.0, samples: int = 1, seed: int = 0, bench: str = "",
-                     max_prompt_len: int | None = None, skip: Collection[tuple[str, int]] = (),
-                     on_rows: Callable[[list[dict]], None] | None = None, progress: bool = False,
-                     slots: int = 0) -> dict:  # fmt: skip
+def evaluate_records(
+    model,
+    processor,
+    records: list[D.Record],
+    *,
+    prompt: str = D.REASONING_PROMPT,
+    placement: str = "system",
+    max_new_tokens: int = 1024,
+    batch_size: int = 8,
+    dist: Dist | None = None,
+    temperature: float = 0.0,
+    blank_images: bool = False,
+    top_p: float = 1.0,
+    samples: int = 1,
+    seed: int = 0,
+    bench: str = "",
+    max_prompt_len: int | None = None,
+    skip: Collection[tuple[str, int]] = (),
+    on_rows: Callable[[list[dict]], None] | None = None,
+    progress: bool = False,
+    slots: int = 0,
+) -> dict:
     """Generate `samples` responses per record and grade them (reward.grade, a stated final answer counts).
 
     `model` may be an HF model or a (possibly FSDP-sharded) policy.Policy: every rank must call, with the same
@@ -165,6 +195,7 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
     lengths = {id(r): D.prompt_length(r, processor, prompt, placement) for r in records}
     batches = plan_batches([lengths[id(r)] for r, _ in jobs], batch_size)
     gen_cfg = S.generation_config(processor.tokenizer, temperature, top_p, max_new_tokens)
+    kw = dict(bench=bench, prompt=prompt, placement=placement, max_prompt_len=max_prompt_len, slots=slots)
     rows: list[dict] = []
     bar = None
     if progress and d.main and jobs:
@@ -176,9 +207,9 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
             b = first + d.rank
             local = []
             if b < len(batches):
-                local = _generate_batch(hf, processor, [jobs[i] for i in batches[b]], gen_cfg,
-                                        zlib.crc32(f"{seed}:{bench}:{b}".encode()), bench=bench, prompt=prompt,
-                                        placement=placement, max_prompt_len=max_prompt_len, slots=slots)  # fmt: skip
+                batch_jobs = [jobs[i] for i in batches[b]]
+                batch_seed = zlib.crc32(f"{seed}:{bench}:{b}".encode())
+                local = _generate_batch(hf, processor, batch_jobs, gen_cfg, batch_seed, **kw)
             new = [row for part in all_gather_objects(local, d) for row in part]
             if on_rows is not None and d.main:
                 on_rows(new)
@@ -190,8 +221,9 @@ def evaluate_records(model, processor, records: list[D.Record], *, prompt: str =
         bar.close()
     rows.sort(key=lambda r: (r["id"], r["sample"]))
     n = max(1, len(rows))
-    return dict(summarize(bench, rows), format=sum(reward.format_reward(r["response"]) for r in rows) / n,
-                resp_len=sum(r["num_tokens"] for r in rows) / n, responses=rows)  # fmt: skip
+    fmt = sum(reward.format_reward(r["response"]) for r in rows) / n
+    resp_len = sum(r["num_tokens"] for r in rows) / n
+    return dict(summarize(bench, rows), format=fmt, resp_len=resp_len, responses=rows)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,8 +257,10 @@ def write_results(results: dict, out_dir: str, limited: bool) -> str:
     """results.json and results.md; returns the markdown table (Table 2 beside complete benchmarks only)."""
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    lines = ["| benchmark | n | accuracy % | truncated | paper metric (ours) % | ReVisual-R1-7B (Table 2) % |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| benchmark | n | accuracy % | truncated | paper metric (ours) % | ReVisual-R1-7B (Table 2) % |",
+        "|---|---|---|---|---|---|",
+    ]
     for bench, r in results.items():
         spec = B.BENCHMARKS.get(bench)
         ours = paper = ""
@@ -234,7 +268,9 @@ def write_results(results: dict, out_dir: str, limited: bool) -> str:
             ours = f"{100 * r[spec.paper_metric]:.1f} ({spec.paper_metric})"
             if r["n"] == spec.size and not limited:
                 paper = f"{spec.paper:.1f}"
-        lines.append(f"| {bench} | {r['n']} | {100 * r['accuracy']:.1f} | {r['truncated']} | {ours} | {paper} |")
+        lines.append(
+            f"| {bench} | {r['n']} | {100 * r['accuracy']:.1f} | {r['truncated']} | {ours} | {paper} |"
+        )
     if any(r.get("blank_gold") for r in results.values()):
         lines.append("\nItems with an empty gold (LogicVista v1_382) are kept in n and counted wrong.")
     table = "\n".join(lines) + "\n"
@@ -255,7 +291,9 @@ def score_only(cfg: EvalConfig) -> dict:
                 raise D.DataError(f"{cfg.score_only}:{i}: field '{key}' is missing")
         r.setdefault("sample", 0)
         r["meta"] = complete_meta(r["bench"], r, f"{cfg.score_only}:{i}")
-        r["extracted"], r["correct"] = grade_row(r["bench"], r["response"], str(r["answer"]), r.get("choices"), r["meta"])
+        r["extracted"], r["correct"] = grade_row(
+            r["bench"], r["response"], str(r["answer"]), r.get("choices"), r["meta"]
+        )
         by_bench[r["bench"]].append(r)
     os.makedirs(cfg.out_dir, exist_ok=True)
     _write_jsonl(os.path.join(cfg.out_dir, "predictions.jsonl"), rows)
@@ -295,17 +333,26 @@ def parse_split(spec: str | None, labels: list[str]) -> dict[str, str]:
 
 def _check_run(cfg: EvalConfig, prompt: str, placement: str) -> None:
     """Predictions of another model or decoding setup never mix into one out_dir."""
-    run = {"model": cfg.model, "prompt": prompt, "placement": placement, "max_new_tokens": cfg.max_new_tokens,
-           "temperature": cfg.temperature, "top_p": cfg.top_p, "blank_images": cfg.blank_images,
-           "seed": cfg.seed}  # fmt: skip
+    run = {
+        "model": cfg.model,
+        "prompt": prompt,
+        "placement": placement,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "blank_images": cfg.blank_images,
+        "seed": cfg.seed,
+    }
     path = os.path.join(cfg.out_dir, "eval_config.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         diff = [k for k in run if old.get(k) != run[k]]
         if diff:
-            raise ConfigError(f"{cfg.out_dir} holds predictions of another run ({', '.join(diff)} differ: "
-                              f"{[old.get(k) for k in diff]} vs {[run[k] for k in diff]}); use a new out_dir")  # fmt: skip
+            raise ConfigError(
+                f"{cfg.out_dir} holds predictions of another run ({', '.join(diff)} differ: "
+                f"{[old.get(k) for k in diff]} vs {[run[k] for k in diff]}); use a new out_dir"
+            )
     with open(path, "w") as f:
         json.dump(run, f, indent=2)
 
@@ -329,8 +376,8 @@ def main(cfg: EvalConfig) -> dict | None:
         return score_only(cfg)
     benches = parse_bench(cfg.bench)
     d = init_distributed(timeout_min=cfg.dist_timeout_min)
-    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (torch.bfloat16 if d.device.type == "cuda"
-                                                                   else torch.float32)  # fmt: skip
+    auto = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else auto
     prompt, placement = M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement)
     pred_path = os.path.join(cfg.out_dir, "predictions.jsonl")
     done = None
@@ -346,10 +393,15 @@ def main(cfg: EvalConfig) -> dict | None:
     # Every rank generates with a whole copy; a checkpoint is read by rank 0 alone and broadcast into the
     # other ranks' copies on their devices (one host copy per node, not one per rank).
     from_rank0 = d.on and os.path.isdir(cfg.model)
-    model = SH.place_replica(M.load_weights(cfg.model, dtype, seed=0, on_meta=from_rank0 and not d.main), d.device,
-                            from_rank0)
+    model = SH.place_replica(
+        M.load_weights(cfg.model, dtype, seed=0, on_meta=from_rank0 and not d.main), d.device, from_rank0
+    )
     processor = M.load_processor(cfg.model)
     M.set_pixel_bounds(processor, cfg.min_pixels, cfg.max_pixels)
+    # evaluate_records' arguments shared by every bench
+    kw = dict(prompt=prompt, placement=placement, dist=d, slots=cfg.slots, seed=cfg.seed, progress=True)
+    kw.update(max_new_tokens=cfg.max_new_tokens, max_prompt_len=cfg.max_prompt_len or None)
+    kw.update(batch_size=cfg.batch_size, on_rows=lambda rows: _write_jsonl(pred_path, rows, "a"))
     jobs = {}
     for label, records in loaded:
         k = cfg.samples or (B.BENCHMARKS[label].samples if label in B.BENCHMARKS else 1)
@@ -358,11 +410,9 @@ def main(cfg: EvalConfig) -> dict | None:
         if cfg.blank_images:
             records = B.blank_record_images(records, os.path.join(cfg.out_dir, "images_blank"))
         jobs[label] = {(r.id, s) for r in records for s in range(k)}
-        evaluate_records(model, processor, records, prompt=prompt, placement=placement,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, dist=d, slots=cfg.slots,
-                         temperature=temperature, top_p=top_p, samples=k, seed=cfg.seed, bench=label,
-                         max_prompt_len=cfg.max_prompt_len or None, skip={(i, s) for b, i, s in done if b == label},
-                         on_rows=lambda rows: _write_jsonl(pred_path, rows, "a"), progress=True)  # fmt: skip
+        skip = {(i, s) for b, i, s in done if b == label}
+        sample_kw = dict(temperature=temperature, top_p=top_p, samples=k)
+        evaluate_records(model, processor, records, bench=label, skip=skip, **sample_kw, **kw)
     if not d.main:
         return None
     rows = read_predictions(pred_path)

@@ -31,9 +31,16 @@ def pad_tau(step: int, max_steps: int, start: float = 1.0, end: float = 0.3) -> 
     return start + (end - start) * min(1.0, frac)
 
 
-def pad_select(adv: torch.Tensor, mode: str, t_low: float, t_high: float, tau: float, rho: float,
-               generator: torch.Generator, eligible: torch.Tensor | None = None,
-               ) -> tuple[torch.Tensor, int, torch.Tensor]:  # fmt: skip
+def pad_select(
+    adv: torch.Tensor,
+    mode: str,
+    t_low: float,
+    t_high: float,
+    tau: float,
+    rho: float,
+    generator: torch.Generator,
+    eligible: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Prioritized Advantage Distillation. adv (N,) -> (times_drawn (N,) long, |E|, the draws in order).
 
     paper (Algorithm 1): E = {i : t_low <= |A_i| <= t_high}; P(i) = softmax(|A_i| / tau) over E;
@@ -80,9 +87,16 @@ def pad_select(adv: torch.Tensor, mode: str, t_low: float, t_high: float, tau: f
     return drawn, size_e, picks
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-                clip_low: float, clip_high: float, dual_clip: float, logratio_clamp: float,
-                ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float,
+    logratio_clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level PPO loss (minimised), per token: (B, T) -> (loss (B, T) zero outside mask, clipped (B, T)).
 
     ratio = exp(clamp(logp - old_logp, -c, c));  L1 = -A ratio;  L2 = -A clip(ratio, 1 - eps_low, 1 + eps_high)

@@ -75,7 +75,7 @@ class GRPOConfig:
     rollout_micro_batch: int = 16  # prompts per generate call per rank (memory knob; without the engine)
     rollout_engine: bool = True  # engine.py's continuous batching over all of a rank's sequences (False: one
     # sampling.generate call per rollout_micro_batch prompts, the decode loop before issue 16)
-    rollout_slots: int = 0  # engine decode slots per rank (KV memory knob); 0: rollout_micro_batch x group_size
+    rollout_slots: int = 0  # engine decode slots per rank (KV memory); 0: rollout_micro_batch x group_size
     temperature: float = 1.0  # sampling temperature (paper 1.0); log-probs use logits / temperature
     top_p: float = 0.95  # paper Table 5
     max_prompt_len: int = 1024  # paper: 8192; longer prompts are dropped at start (counted and printed)
@@ -88,7 +88,7 @@ class GRPOConfig:
     # update
     mini_batch: int = 64  # sequences per optimizer update, global (paper: 128 prompts x 8 = 1024 sequences)
     micro_batch: int = 32  # sequences per forward/backward per rank (memory knob)
-    micro_batch_tokens: int = 0  # > 0: micro-batches packed padding-free up to this many tokens (replaces micro_batch)
+    micro_batch_tokens: int = 0  # > 0: padding-free micro-batches of up to this many tokens; 0: micro_batch
     ppo_epochs: int = 1  # passes over the kept sequences per rollout step
     lr: float = 5e-5  # paper: 1e-6 (7B); the tiny model needs more, and forgets at >= 1e-4
     weight_decay: float = 1e-2  # paper Table 5
@@ -171,7 +171,8 @@ class PromptSampler:
         self.n, self.seed, self.epoch, self.pos = n_records, seed, epoch, pos
 
     def _perm(self) -> list[int]:
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)).tolist()
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return torch.randperm(self.n, generator=gen).tolist()
 
     def take(self, k: int) -> list[int]:
         out, perm = [], self._perm()
@@ -188,8 +189,9 @@ class PromptSampler:
         return {"epoch": self.epoch, "pos": self.pos}
 
 
-def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int], cfg: GRPOConfig, seed: int,
-            ) -> list[Sample]:  # fmt: skip
+def rollout(
+    model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int], cfg: GRPOConfig, seed: int
+) -> list[Sample]:
     """n completions per prompt: engine.py's continuous batching by default (HF `generate`'s tokens under greedy
     decoding and its distribution; one prefill per group; `rollout_slots` decode slots), sampling.py's decode loop
     per micro-batch with `rollout_engine=False`, HF `generate` itself with `cfg.hf_generate`."""
@@ -207,24 +209,25 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
         for s in range(0, len(prompts), step):
             chunk = prompts[s : s + step]
             ids = [r for r in rec_ids[s : s + step] for _ in range(cfg.group_size)]
-            prompt_lens = [len(p.input_ids) for p in chunk for _ in range(cfg.group_size)]  # row-aligned with ids
+            # row-aligned with ids
+            prompt_lens = [len(p.input_ids) for p in chunk for _ in range(cfg.group_size)]
             batch = D.collate_prompts(chunk, tok.pad_token_id, model.config.image_token_id)
             # The engine takes a rank's whole step (512 prompts at paper scale: tens of GB of pixel patches at
             # max_pixels): their pixels stay on the host and each prefill moves its own rows' images.
             batch = {k: v if use_engine and k == "pixel_values" else v.to(device) for k, v in batch.items()}
             # Each prompt prefilled once, its KV cache copied to its n samples (HF's loop with --hf_generate: each
             # prompt expanded n times before the prefill); rows come back prompt-major.
+            kw = dict(generation_config=gc, num_return_sequences=cfg.group_size)
             if use_engine:
                 slots = cfg.rollout_slots or cfg.rollout_micro_batch * cfg.group_size
-                seqs = E.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.group_size, slots=slots)
+                seqs = E.generate(model, **batch, **kw, slots=slots)
             else:
-                seqs = S.generate(model, **batch, generation_config=gc, num_return_sequences=cfg.group_size,
-                                  use_hf=cfg.hf_generate)
+                seqs = S.generate(model, **batch, **kw, use_hf=cfg.hf_generate)
             new = seqs[:, batch["input_ids"].shape[1] :].tolist()
             for rec, plen, gen in zip(ids, prompt_lens, new):
                 completion, truncated = S.split_completion(gen, eos)
-                out.append(Sample(rec, completion, tok.decode(completion, skip_special_tokens=True), truncated,
-                                  prompt_len=plen))
+                text = tok.decode(completion, skip_special_tokens=True)
+                out.append(Sample(rec, completion, text, truncated, prompt_len=plen))
     return out
 
 
@@ -232,8 +235,9 @@ def rollout(model, processor, prompts: list[D.EncodedPrompt], rec_ids: list[int]
 # The update
 
 
-def plan_updates(samples: list[Sample], cfg: GRPOConfig, world: int, generator: torch.Generator,
-                 ) -> list[tuple[list[list[list[int]]], int]]:  # fmt: skip
+def plan_updates(
+    samples: list[Sample], cfg: GRPOConfig, world: int, generator: torch.Generator
+) -> list[tuple[list[list[list[int]]], int]]:
     """Kept sequences -> per update: (per rank, a list of micro-batches of sample indices; global token count).
 
     A sequence drawn k times appears k times. Each mini-batch is spread over ranks balanced by tokens, and
@@ -255,18 +259,29 @@ def plan_updates(samples: list[Sample], cfg: GRPOConfig, world: int, generator: 
             micro = [[[mb[j] for j in b] for b in p] + [[]] * (n_micro - len(p)) for p in packed]
             plans.append((micro, sum(len(samples[i].completion) for i in mb)))
             continue
-        per_rank = [[mb[j] for j in part] for part in balance_over_ranks([len(samples[i].completion) for i in mb], world)]
+        lens = [len(samples[i].completion) for i in mb]
+        per_rank = [[mb[j] for j in part] for part in balance_over_ranks(lens, world)]
         n_micro = max(math.ceil(len(p) / cfg.micro_batch) for p in per_rank)
-        micro = [[p[k * cfg.micro_batch : (k + 1) * cfg.micro_batch] for k in range(n_micro)] for p in per_rank]
+        m = cfg.micro_batch
+        micro = [[p[k * m : (k + 1) * m] for k in range(n_micro)] for p in per_rank]
         plans.append((micro, sum(len(samples[i].completion) for i in mb)))
     return plans
 
 
-def sequence_batch(samples: list[Sample], idx: list[int], encoded: dict[int, D.EncodedPrompt], processor,
-                   image_token_id: int, device) -> dict:  # fmt: skip
-    b = D.collate_sequences([encoded[samples[i].rec] for i in idx], [samples[i].completion for i in idx],
-                            processor.tokenizer.pad_token_id, image_token_id)  # fmt: skip
+def sequence_batch(
+    samples: list[Sample],
+    idx: list[int],
+    encoded: dict[int, D.EncodedPrompt],
+    processor,
+    image_token_id: int,
+    device,
+) -> dict:
+    prompts, completions = [encoded[samples[i].rec] for i in idx], [samples[i].completion for i in idx]
+    b = D.collate_sequences(prompts, completions, processor.tokenizer.pad_token_id, image_token_id)
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+
+
+POLICY_INPUTS = "input_ids attention_mask target_mask pixel_values image_grid_thw mm_token_type_ids".split()
 
 
 def forward_logprobs(policy, b: dict, temperature: float, with_entropy: bool = False):
@@ -275,8 +290,7 @@ def forward_logprobs(policy, b: dict, temperature: float, with_entropy: bool = F
     stay fp32 and token_logprobs keeps the logits fp32."""
     bf16 = getattr(policy_core(policy), "autocast_bf16", False)
     with torch.autocast(b["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
-        return policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"], b["image_grid_thw"],
-                      b["mm_token_type_ids"], temperature=temperature, with_entropy=with_entropy)
+        return policy(*(b[k] for k in POLICY_INPUTS), temperature=temperature, with_entropy=with_entropy)
 
 
 def setup_policy(cfg: GRPOConfig, d: C.Dist):
@@ -326,15 +340,17 @@ def setup_policy(cfg: GRPOConfig, d: C.Dist):
     return policy, core, processor, prompt, placement, ref
 
 
-def fitting_prompts(records: list[D.Record], processor, prompt: str, placement: str, max_prompt_len: int,
-                    d: C.Dist) -> list[D.Record]:
+def fitting_prompts(
+    records: list[D.Record], processor, prompt: str, placement: str, max_prompt_len: int, d: C.Dist
+) -> list[D.Record]:
     """The records whose prompt fits `max_prompt_len`, decided once at start (as EasyR1's filter_overlong_prompts)
     rather than by an error in the middle of a step. Rank 0 measures every prompt from its text and image
     headers (a missing or unreadable image is an error here, naming its record); every rank takes its answer."""
     keep, error = None, None
     if d.main:
         try:
-            keep = [i for i, r in enumerate(records) if D.prompt_length(r, processor, prompt, placement) <= max_prompt_len]
+            lens = [D.prompt_length(r, processor, prompt, placement) for r in records]
+            keep = [i for i, n in enumerate(lens) if n <= max_prompt_len]
         except D.DataError as e:
             error = str(e)
     keep, error = C.broadcast_object((keep, error), d)
@@ -343,8 +359,8 @@ def fitting_prompts(records: list[D.Record], processor, prompt: str, placement: 
     if not keep:
         raise D.DataError(f"no prompt of {len(records)} fits max_prompt_len {max_prompt_len}")
     if d.main and len(keep) < len(records):
-        print(f"dropped {len(records) - len(keep)} of {len(records)} prompts over max_prompt_len {max_prompt_len}",
-              flush=True)
+        dropped = len(records) - len(keep)
+        print(f"dropped {dropped} of {len(records)} prompts over max_prompt_len {max_prompt_len}", flush=True)
     return [records[i] for i in keep]
 
 
@@ -353,18 +369,25 @@ def validate_config(cfg: GRPOConfig, world: int) -> None:
     if not cfg.data:
         raise C.ConfigError("--data is required (JSONL records with an 'answer' field)")
     if cfg.group_size < 2:  # the group std is over group_size - 1: one sample gives NaN advantages
-        raise C.ConfigError(f"--group_size must be >= 2 (group advantages need two samples), got {cfg.group_size}")
-    for name in ("max_steps", "rollout_batch", "rollout_micro_batch", "mini_batch", "micro_batch", "ppo_epochs",
-                 "max_new_tokens", "max_prompt_len", "max_bad_steps", "grade_workers"):
+        raise C.ConfigError(
+            f"--group_size must be >= 2 (group advantages need two samples), got {cfg.group_size}"
+        )
+    counts = ("max_steps", "rollout_batch", "rollout_micro_batch", "mini_batch", "micro_batch", "ppo_epochs")
+    for name in counts + ("max_new_tokens", "max_prompt_len", "max_bad_steps", "grade_workers"):
         if getattr(cfg, name) < 1:
             raise C.ConfigError(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.rollout_slots < 0:
-        raise C.ConfigError(f"--rollout_slots must be >= 0 (0: rollout_micro_batch x group_size), got {cfg.rollout_slots}")
+        raise C.ConfigError(
+            f"--rollout_slots must be >= 0 (0: rollout_micro_batch x group_size), got {cfg.rollout_slots}"
+        )
     if cfg.micro_batch_tokens < 0:
         raise C.ConfigError(f"--micro_batch_tokens must be >= 0 (0 = off), got {cfg.micro_batch_tokens}")
-    if cfg.min_pixels < 0 or cfg.max_pixels < 0 or (cfg.min_pixels and cfg.max_pixels and cfg.min_pixels > cfg.max_pixels):
-        raise C.ConfigError(f"--min_pixels / --max_pixels: 0 (the checkpoint's) or 0 < min <= max, got "
-                            f"{cfg.min_pixels}, {cfg.max_pixels}")
+    lo, hi = cfg.min_pixels, cfg.max_pixels
+    if lo < 0 or hi < 0 or (lo and hi and lo > hi):
+        raise C.ConfigError(
+            f"--min_pixels / --max_pixels: 0 (the checkpoint's) or 0 < min <= max, got "
+            f"{cfg.min_pixels}, {cfg.max_pixels}"
+        )
     if cfg.rollout_batch % world:
         raise C.ConfigError(f"--rollout_batch {cfg.rollout_batch} does not divide over {world} ranks")
     C.check_choice("pad_mode", cfg.pad_mode, ("paper", "released", "filter", "off"))
@@ -373,8 +396,11 @@ def validate_config(cfg: GRPOConfig, world: int) -> None:
     C.check_choice("bf16", str(cfg.bf16).lower(), ("auto", "true", "false"))
     C.check_choice("placement", cfg.placement, ("", *D.PLACEMENTS))
     if not cfg.temperature > 0 or not 0 < cfg.top_p <= 1:
-        raise C.ConfigError(f"--temperature must be > 0 and --top_p in (0, 1]; got {cfg.temperature}, {cfg.top_p}")
-    if not 0 < cfg.pad_rho <= 1 or not 0 <= cfg.pad_t_low <= cfg.pad_t_high or min(cfg.pad_tau_start, cfg.pad_tau_end) <= 0:
+        raise C.ConfigError(
+            f"--temperature must be > 0 and --top_p in (0, 1]; got {cfg.temperature}, {cfg.top_p}"
+        )
+    bad_tau = min(cfg.pad_tau_start, cfg.pad_tau_end) <= 0
+    if not 0 < cfg.pad_rho <= 1 or not 0 <= cfg.pad_t_low <= cfg.pad_t_high or bad_tau:
         raise C.ConfigError("PAD needs 0 < pad_rho <= 1, 0 <= pad_t_low <= pad_t_high and positive pad_tau_*")
     if cfg.kl_coef < 0 or cfg.clip_low < 0 or cfg.clip_high < 0 or (cfg.dual_clip and cfg.dual_clip <= 1):
         raise C.ConfigError("--kl_coef, --clip_low, --clip_high must be >= 0 and --dual_clip 0 or > 1")
@@ -393,9 +419,10 @@ def train(cfg: GRPOConfig) -> str:
     records = fitting_prompts(records, processor, prompt, placement, cfg.max_prompt_len, d)
     hf = core.model
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)  # constant lr
-    rcfg = R.RewardConfig(w_acc=cfg.w_acc, w_fmt=cfg.w_fmt, w_len=cfg.w_len, len_budget=cfg.len_budget,
-                          len_alpha=cfg.len_alpha, len_delta=cfg.len_delta, grade_workers=cfg.grade_workers)  # fmt: skip
+    # constant lr
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    reward_fields = ("w_acc", "w_fmt", "w_len", "len_budget", "len_alpha", "len_delta", "grade_workers")
+    rcfg = R.RewardConfig(**{f: getattr(cfg, f) for f in reward_fields})
     sampler, start, bad = PromptSampler(len(records), cfg.seed), 0, {"streak": 0, "total": 0}
     ckpt = C.resolve_resume(cfg.resume, cfg.out_dir, d)
     if ckpt:
@@ -404,28 +431,37 @@ def train(cfg: GRPOConfig) -> str:
         bad = state.get("bad", bad)
         if d.main:
             print(f"[{cfg.stage}] resumed from {ckpt} (step {start})", flush=True)
-    metrics, rollouts_log = (C.JsonlLog(os.path.join(cfg.out_dir, f), d.main) for f in ("metrics.jsonl", "rollouts.jsonl"))
+    metrics = C.JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), d.main)
+    rollouts_log = C.JsonlLog(os.path.join(cfg.out_dir, "rollouts.jsonl"), d.main)
     metrics.truncate_after(start)
     rollouts_log.truncate_after(start)
     eval_records = []
     if cfg.eval_data:
-        eval_records = D.load_records(cfg.eval_data, limit=cfg.eval_limit, image_dir=cfg.image_dir, check_images=False)
+        eval_records = D.load_records(
+            cfg.eval_data, limit=cfg.eval_limit, image_dir=cfg.image_dir, check_images=False
+        )
         eval_records = fitting_prompts(eval_records, processor, prompt, placement, cfg.max_prompt_len, d)
     wandb = _wandb(cfg, d)
     t_start = time.time()
-    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not d.main, desc=cfg.stage)
+    bar = tqdm(
+        range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not d.main, desc=cfg.stage
+    )
     for t in bar:  # t counts rollout steps from 0; the logs call this step t + 1
         step, t0 = t + 1, time.time()
         # 1. rollouts on this rank's share of the step's prompts
         recs = sampler.take(cfg.rollout_batch)
         mine = recs[d.rank :: d.world]
-        encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine}
+        encoded = {
+            r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine
+        }
         memory.reset()
         with SH.gathered_for_generation(core) as gen_model:
-            local = rollout(gen_model, processor, [encoded[r] for r in mine], mine, cfg, seed=rollout_seed(cfg.seed, step, d.rank))
+            seed = rollout_seed(cfg.seed, step, d.rank)
+            local = rollout(gen_model, processor, [encoded[r] for r in mine], mine, cfg, seed=seed)
         # 2. rewards, graded where they were sampled
-        parts = R.score_completions([s.text for s in local], [records[s.rec].answer for s in local],
-                                    [records[s.rec].choices for s in local], [len(s.completion) for s in local], rcfg)  # fmt: skip
+        texts, lens = [s.text for s in local], [len(s.completion) for s in local]
+        answers, choices = [records[s.rec].answer for s in local], [records[s.rec].choices for s in local]
+        parts = R.score_completions(texts, answers, choices, lens, rcfg)
         for s, p in zip(local, parts):
             s.reward, s.acc, s.format, s.len_reward = p["reward"], p["acc"], p["format"], p["len_reward"]
         samples = [s for part in C.all_gather_objects(local, d) for s in part]  # rank-major, groups of n
@@ -435,68 +471,98 @@ def train(cfg: GRPOConfig) -> str:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         tau = grpo.pad_tau(t, cfg.max_steps, cfg.pad_tau_start, cfg.pad_tau_end)
         eligible = torch.tensor([not s.truncated for s in samples]) if cfg.truncation == "mask" else None
-        drawn, size_e, _ = grpo.pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, tau, cfg.pad_rho, gen, eligible)
+        drawn, size_e, _ = grpo.pad_select(
+            adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, tau, cfg.pad_rho, gen, eligible
+        )
         for s, a, k in zip(samples, adv.tolist(), drawn.tolist()):
             s.advantage, s.times_drawn = a, k
         rollout_s, mem_rollout = time.time() - t0, memory.peak_mb()
         # 5-6. updates on the kept sequences only
         memory.reset()
         t1 = time.time()
-        beta = grpo.entropy_beta(t, cfg.entropy_beta0, cfg.entropy_beta_min, cfg.entropy_decay, cfg.entropy_warmup)
-        stats = update(policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d, beta, gen, params, opt,
-                       bad)
+        beta = grpo.entropy_beta(
+            t, cfg.entropy_beta0, cfg.entropy_beta_min, cfg.entropy_decay, cfg.entropy_warmup
+        )
+        args = (policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d)
+        stats = update(*args, beta, gen, params, opt, bad)
         train_s, mem_update = time.time() - t1, memory.peak_mb()
         # 7. logs
         acc_groups = torch.tensor([s.acc for s in samples]).view(-1, cfg.group_size)
-        row = {"step": step, "updates": stats["updates"], "skipped_updates": stats["skipped_updates"],
-               "bad_steps": bad["total"], "loss": stats["loss"], "lr": cfg.lr,
-               "elapsed_s": round(time.time() - t_start, 3),
-               "reward": _mean(s.reward for s in samples), "acc": _mean(s.acc for s in samples),
-               "format": _mean(s.format for s in samples), "len_reward": _mean(s.len_reward for s in samples),
-               "resp_len": _mean(len(s.completion) for s in samples),
-               "truncated_frac": _mean(s.truncated for s in samples),
-               "zero_adv_frac": float((adv.abs() < 1e-6).double().mean()),
-               "uniform_acc_frac": float((acc_groups.max(1).values == acc_groups.min(1).values).double().mean()),
-               "pad_effective": size_e, "pad_kept": int((drawn > 0).sum()), "pad_tau": tau,
-               "kept_token_frac": _kept_token_frac(samples),
-               "kl": stats["kl"], "entropy": stats["entropy"], "entropy_beta": beta, "clip_frac": stats["clip_frac"],
-               "grad_norm": stats["grad_norm"], "rollout_s": round(rollout_s, 3), "train_s": round(train_s, 3),
-               "mem_rollout_mb": mem_rollout, "mem_update_mb": mem_update}  # fmt: skip
+        row = {
+            "step": step,
+            "updates": stats["updates"],
+            "skipped_updates": stats["skipped_updates"],
+            "bad_steps": bad["total"],
+            "loss": stats["loss"],
+            "lr": cfg.lr,
+            "elapsed_s": round(time.time() - t_start, 3),
+            "reward": _mean(s.reward for s in samples),
+            "acc": _mean(s.acc for s in samples),
+            "format": _mean(s.format for s in samples),
+            "len_reward": _mean(s.len_reward for s in samples),
+            "resp_len": _mean(len(s.completion) for s in samples),
+            "truncated_frac": _mean(s.truncated for s in samples),
+            "zero_adv_frac": float((adv.abs() < 1e-6).double().mean()),
+            "uniform_acc_frac": float((acc_groups.max(1).values == acc_groups.min(1).values).double().mean()),
+            "pad_effective": size_e,
+            "pad_kept": int((drawn > 0).sum()),
+            "pad_tau": tau,
+            "kept_token_frac": _kept_token_frac(samples),
+            "kl": stats["kl"],
+            "entropy": stats["entropy"],
+            "entropy_beta": beta,
+            "clip_frac": stats["clip_frac"],
+            "grad_norm": stats["grad_norm"],
+            "rollout_s": round(rollout_s, 3),
+            "train_s": round(train_s, 3),
+            "mem_rollout_mb": mem_rollout,
+            "mem_update_mb": mem_update,
+        }
         if eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
             memory.reset()
             row.update(validate(core, processor, eval_records, prompt, placement, cfg, d))
             row["mem_validation_mb"] = memory.peak_mb()
         metrics.write(row)
-        rollouts_log.write([{"step": step, "prompt_id": records[s.rec].id, "completion": s.text,
-                             "num_tokens": len(s.completion), "truncated": s.truncated, "reward": s.reward,
-                             "acc": s.acc, "format": s.format, "len_reward": s.len_reward, "advantage": s.advantage,
-                             "kept": s.times_drawn > 0, "times_drawn": s.times_drawn} for s in samples])  # fmt: skip
+        rollouts_log.write([_rollout_row(step, records[s.rec].id, s) for s in samples])
         if wandb:
             wandb.log(row, step=step)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['acc']:.2f}", kept=row["pad_kept"],
-                        roll_s=f"{rollout_s:.1f}", train_s=f"{train_s:.1f}")  # fmt: skip
+        post = dict(reward=f"{row['reward']:.3f}", acc=f"{row['acc']:.2f}", kept=row["pad_kept"])
+        bar.set_postfix(**post, roll_s=f"{rollout_s:.1f}", train_s=f"{train_s:.1f}")
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
             C.save_checkpoint(cfg.out_dir, step, policy, opt, {"sampler": sampler.state(), "bad": bad}, d)
     final = os.path.join(cfg.out_dir, "final")
     state_dict = SH.full_state_dict(core)
     if d.main:
-        M.save_model(hf, processor, final, {"prompt": prompt, "placement": placement, "stage": cfg.stage,
-                                            "config": asdict(cfg)}, state_dict=state_dict)  # fmt: skip
+        meta = {"prompt": prompt, "placement": placement, "stage": cfg.stage, "config": asdict(cfg)}
+        M.save_model(hf, processor, final, meta, state_dict=state_dict)
     C.barrier(d)
     return final
 
 
-def update(policy, ref, samples: list[Sample], records, encoded: dict, processor, prompt: str, placement: str,
-           cfg: GRPOConfig, d: C.Dist, beta: float, gen: torch.Generator, params, opt, bad: dict | None = None,
-           ) -> dict:  # fmt: skip
+def update(
+    policy,
+    ref,
+    samples: list[Sample],
+    records,
+    encoded: dict,
+    processor,
+    prompt: str,
+    placement: str,
+    cfg: GRPOConfig,
+    d: C.Dist,
+    beta: float,
+    gen: torch.Generator,
+    params,
+    opt,
+    bad: dict | None = None,
+) -> dict:
     """Steps 5-6: old and reference log-probs, then ceil(k'/mini_batch) updates per ppo epoch. Only kept
     sequences go through a forward; a rank short of micro-batches repeats one with weight 0 so that every
     rank runs the same collectives (PITFALLS)."""
     bad = {"streak": 0, "total": 0} if bad is None else bad  # non-finite steps: in a row, in all (updated)
     plans = plan_updates(samples, cfg, d.world, gen)
     if not plans:  # E empty: nothing to train on this step (logged as updates = 0)
-        return {"updates": 0, "skipped_updates": 0, "loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_frac": 0.0,
-                "grad_norm": 0.0}
+        return dict(updates=0, skipped_updates=0, loss=0.0, kl=0.0, entropy=0.0, clip_frac=0.0, grad_norm=0.0)
     image_token_id = policy_core(policy).model.config.image_token_id
     # One sequence per update that a rank with too few micro-batches repeats with weight 0.
     fillers = [next(i for rank_micro in micro for mb in rank_micro for i in mb) for micro, _ in plans]
@@ -523,6 +589,7 @@ def update(policy, ref, samples: list[Sample], records, encoded: dict, processor
                         refs[u, k] = forward_logprobs(ref, b, cfg.temperature)[0]
     sums = torch.zeros(5, dtype=torch.float64)  # policy loss, kl, entropy, clipped tokens, tokens
     norms, skipped = [], 0
+    clip = (cfg.clip_low, cfg.clip_high, cfg.dual_clip, cfg.logratio_clamp)
     policy.train()
     for _ in range(cfg.ppo_epochs):
         for u, (_, global_tokens) in enumerate(plans):
@@ -530,19 +597,24 @@ def update(policy, ref, samples: list[Sample], records, encoded: dict, processor
             for k, (idx, weight, b) in enumerate(batches(u)):
                 logp, ent = forward_logprobs(policy, b, cfg.temperature, with_entropy=True)
                 mask = b["target_mask"].float()
-                adv = torch.tensor([samples[i].advantage for i in idx], dtype=torch.float32, device=logp.device)
-                pg, clipped = grpo.policy_loss(logp, old.get((u, k), logp.detach()), adv, mask, cfg.clip_low,
-                                          cfg.clip_high, cfg.dual_clip, cfg.logratio_clamp)  # fmt: skip
-                kl = grpo.kl_k3(logp, refs[u, k], cfg.kl_clamp) * mask if ref is not None else torch.zeros_like(pg)
+                adv = torch.tensor(
+                    [samples[i].advantage for i in idx], dtype=torch.float32, device=logp.device
+                )
+                pg, clipped = grpo.policy_loss(logp, old.get((u, k), logp.detach()), adv, mask, *clip)
+                if ref is not None:
+                    kl = grpo.kl_k3(logp, refs[u, k], cfg.kl_clamp) * mask
+                else:
+                    kl = torch.zeros_like(pg)
                 per_token = pg + cfg.kl_coef * kl - beta * ent * mask
                 # Token mean over the mini-batch's GLOBAL token count; DDP/FSDP average gradients over ranks,
                 # so x world turns that average back into the sum over ranks.
                 loss = per_token.sum() * (weight * d.world / global_tokens)
                 loss.backward()
                 with torch.no_grad():
-                    part += weight * torch.tensor([pg.sum().item(), kl.sum().item(), (ent * mask).sum().item(),
-                                                   clipped.sum().item(), mask.sum().item()], dtype=torch.float64)  # fmt: skip
-            for p in params:  # a parameter no micro-batch reached (the vision tower on a text-only mini-batch)
+                    vals = [pg.sum(), kl.sum(), (ent * mask).sum(), clipped.sum(), mask.sum()]
+                    part += weight * torch.tensor([v.item() for v in vals], dtype=torch.float64)
+            # a parameter no micro-batch reached (the vision tower on a text-only mini-batch)
+            for p in params:
                 if p.grad is None:  # steps as it does on several ranks, where the dummy image gives it zeros
                     p.grad = torch.zeros_like(p)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -559,33 +631,41 @@ def update(policy, ref, samples: list[Sample], records, encoded: dict, processor
                 skipped += 1
                 bad["streak"] += 1
                 bad["total"] += 1
-                print(f"[{cfg.stage} rank {d.rank}] non-finite gradient (norm {norm}): update skipped "
-                      f"({bad['streak']} in a row)", flush=True)
+                print(
+                    f"[{cfg.stage} rank {d.rank}] non-finite gradient (norm {norm}): update skipped "
+                    f"({bad['streak']} in a row)",
+                    flush=True,
+                )
                 if bad["streak"] >= cfg.max_bad_steps:
-                    raise C.NonFiniteError(f"{bad['streak']} non-finite optimizer steps in a row (max_bad_steps "
-                                           f"{cfg.max_bad_steps}); lower --lr or check the data")
+                    raise C.NonFiniteError(
+                        f"{bad['streak']} non-finite optimizer steps in a row (max_bad_steps "
+                        f"{cfg.max_bad_steps}); lower --lr or check the data"
+                    )
             opt.zero_grad(set_to_none=True)  # gradients freed now, not kept through the next rollout
     pg_sum, kl_sum, ent_sum, clipped, tokens = C.all_reduce_sum(sums, d).tolist()
     tokens = max(tokens, 1.0)
-    return {"updates": len(norms), "skipped_updates": skipped,
-            "loss": (pg_sum + cfg.kl_coef * kl_sum - beta * ent_sum) / tokens, "kl": kl_sum / tokens,
-            "entropy": ent_sum / tokens, "clip_frac": clipped / tokens, "grad_norm": _mean(norms)}
+    mean_loss = (pg_sum + cfg.kl_coef * kl_sum - beta * ent_sum) / tokens
+    out = dict(updates=len(norms), skipped_updates=skipped, loss=mean_loss, kl=kl_sum / tokens)
+    return dict(out, entropy=ent_sum / tokens, clip_frac=clipped / tokens, grad_norm=_mean(norms))
 
 
 def policy_core(policy) -> P.Policy:
     return policy.module if hasattr(policy, "module") else policy
 
 
-def validate(core: P.Policy, processor, records, prompt: str, placement: str, cfg: GRPOConfig, d: C.Dist) -> dict:
+def validate(
+    core: P.Policy, processor, records, prompt: str, placement: str, cfg: GRPOConfig, d: C.Dist
+) -> dict:
     """Greedy accuracy on the held-out split through eval.py's scoring (in-loop validation)."""
     import eval as evaluation
 
     # Greedy, one sample per prompt, in generate calls as large as a rollout call (rollout_micro_batch prompts
     # x group_size rows): validation needs no more KV-cache memory than the rollouts already do.
-    res = evaluation.evaluate_records(core, processor, records, prompt=prompt, placement=placement,
-                                      max_new_tokens=cfg.max_new_tokens, dist=d,
-                                      batch_size=cfg.rollout_micro_batch * cfg.group_size)
-    return {"val_acc": res["accuracy"], "val_format": res.get("format", 0.0), "val_resp_len": res.get("resp_len", 0.0)}
+    kw = dict(max_new_tokens=cfg.max_new_tokens, dist=d, batch_size=cfg.rollout_micro_batch * cfg.group_size)
+    res = evaluation.evaluate_records(core, processor, records, prompt=prompt, placement=placement, **kw)
+    return dict(
+        val_acc=res["accuracy"], val_format=res.get("format", 0.0), val_resp_len=res.get("resp_len", 0.0)
+    )
 
 
 def rollout_seed(seed: int, step: int, rank: int) -> int:
@@ -596,6 +676,15 @@ def rollout_seed(seed: int, step: int, rank: int) -> int:
 def _mean(xs) -> float:
     xs = [float(x) for x in xs]
     return sum(xs) / len(xs) if xs else 0.0
+
+
+def _rollout_row(step: int, prompt_id: str, s: Sample) -> dict:
+    """One rollouts.jsonl line (viewer.py reads them)."""
+    row = {"step": step, "prompt_id": prompt_id, "completion": s.text, "num_tokens": len(s.completion)}
+    row.update(
+        {k: getattr(s, k) for k in ("truncated", "reward", "acc", "format", "len_reward", "advantage")}
+    )
+    return dict(row, kept=s.times_drawn > 0, times_drawn=s.times_drawn)
 
 
 def _kept_token_frac(samples: list[Sample]) -> float:

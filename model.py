@@ -35,12 +35,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.processing_utils import ProcessorMixin
 
 # The 22 special tokens of Qwen2 / Qwen2.5-VL, in id order (151643 ... 151664 in the real vocabulary).
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
-    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
-]  # fmt: skip
+SPECIAL_TOKENS = (
+    "<|endoftext|> <|im_start|> <|im_end|> <|object_ref_start|> <|object_ref_end|> <|box_start|> <|box_end|> "
+    "<|quad_start|> <|quad_end|> <|vision_start|> <|vision_end|> <|vision_pad|> <|image_pad|> <|video_pad|> "
+    "<tool_call> </tool_call> <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|>"
+).split()
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 
 # The chat template of Qwen2-VL / Qwen2.5-VL Instruct (images become <|vision_start|><|image_pad|><|vision_end|>;
@@ -60,17 +59,36 @@ CHAT_TEMPLATE = (
 )
 
 # Tiny network shared by `tiny` and `tiny-qwen`. head_dim = 96 / 4 = 24, so mrope_section sums to 12.
-TINY_TEXT = dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6)  # fmt: skip
-TINY_VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=96, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])  # fmt: skip
+TINY_TEXT = dict(
+    hidden_size=96,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+)
+TINY_VISION = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=4,
+    out_hidden_size=96,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[1],
+)
 TINY_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 4, 4]}
 TINY_BPE_VOCAB = 768  # byte-level BPE size for `tiny` (256 byte symbols + merges learned on the task's text)
 # Image size limits (pixels) of the tiny models: the synthetic images are 56-112 px squares.
 TINY_MIN_PIXELS, TINY_MAX_PIXELS = 28 * 28, 224 * 224
 
 # The trap (PITFALLS.md): Qwen2.5-VL-7B-Instruct's generation_config.json. `generate` merges it in silently.
-INSTRUCT_GENERATION_DEFAULTS = dict(do_sample=True, top_k=1, top_p=0.001, temperature=0.1, repetition_penalty=1.05)
+INSTRUCT_GENERATION_DEFAULTS = dict(
+    do_sample=True, top_k=1, top_p=0.001, temperature=0.1, repetition_penalty=1.05
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,7 +115,9 @@ def _qwen2_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     # the merged token (the tiktoken rule: lower rank merges first).
     merges = []
     for token, rank in ranks.items():
-        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        splits = [
+            (token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks
+        ]
         splits.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
         merges += [(left, right, rank) for left, right in splits]
     merges.sort(key=lambda m: m[2])
@@ -112,12 +132,14 @@ def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     import synth
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),  # digits split one by one, as Qwen2
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    trainer = trainers.BpeTrainer(vocab_size=TINY_BPE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False, special_tokens=[])  # fmt: skip
+    # digits split one by one, as Qwen2
+    split = pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_BPE_VOCAB, initial_alphabet=alphabet, show_progress=False, special_tokens=[]
+    )
     from data import REASONING_PROMPT
 
     # The reasoning prompt opens every sequence: weight it so it compresses to a few tokens.
@@ -133,17 +155,20 @@ def build_tokenizer(kind: str) -> Qwen2Tokenizer:
     base = len(vocab)
     for i, special in enumerate(SPECIAL_TOKENS):
         vocab[special] = base + i
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, errors="replace", model_max_length=32768,
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                               extra_special_tokens=SPECIAL_TOKENS[3:])  # fmt: skip
+    specials = dict(
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", extra_special_tokens=SPECIAL_TOKENS[3:]
+    )
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, errors="replace", model_max_length=32768, **specials
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.backend_tokenizer.model.ignore_merges = True  # a whole-token match wins, as in tiktoken
     return tokenizer
 
 
 def build_image_processor(min_pixels: int, max_pixels: int) -> Qwen2VLImageProcessorPil:
-    return Qwen2VLImageProcessorPil(size={"shortest_edge": min_pixels, "longest_edge": max_pixels},
-                                    patch_size=14, temporal_patch_size=2, merge_size=2)  # fmt: skip
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return Qwen2VLImageProcessorPil(size=size, patch_size=14, temporal_patch_size=2, merge_size=2)
 
 
 class ImageOnlyProcessor(Qwen2_5_VLProcessor):
@@ -157,7 +182,9 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
 
 
 def build_processor(tokenizer, image_processor) -> ImageOnlyProcessor:
-    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return ImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
+    )
 
 
 def set_pixel_bounds(processor, min_pixels: int = 0, max_pixels: int = 0) -> None:
@@ -192,46 +219,72 @@ def tiny_config(tokenizer) -> Qwen2_5_VLConfig:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab_size = len(tokenizer)
     vocab_size += -vocab_size % 64  # pad the embedding to a multiple of 64, as the real checkpoints do
-    return Qwen2_5_VLConfig(
-        text_config=dict(TINY_TEXT, vocab_size=vocab_size, rope_parameters=TINY_ROPE,
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
-        vision_config=TINY_VISION,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )  # fmt: skip
+    eot, im_end = ids["<|endoftext|>"], ids["<|im_end|>"]
+    text = dict(
+        TINY_TEXT, vocab_size=vocab_size, rope_parameters=TINY_ROPE, bos_token_id=eot, eos_token_id=im_end
+    )
+    text.update(pad_token_id=eot, tie_word_embeddings=False)
+    kw = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"])
+    kw.update(vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=TINY_VISION, tie_word_embeddings=False, **kw)
 
 
 # Published shapes of the real checkpoints (their config.json; PITFALLS.md), for meta-device builds (memory and
 # parameter counts) and GPU benchmarks with random weights. Special ids as in the real Qwen2 vocabulary.
 PUBLISHED_TEXT = {
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-}  # fmt: skip
-PUBLISHED_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
-                        spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])  # fmt: skip
+    "7b": dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "3b": dict(
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+}
+PUBLISHED_VISION = dict(
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[7, 15, 23, 31],
+)
 
 
 def published_config(size: str) -> Qwen2_5_VLConfig:
     """Qwen2.5-VL-{7B,3B}-Instruct's architecture ('7b' | '3b'), without weights."""
     text = PUBLISHED_TEXT[size.lower()]
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
+    text_config = dict(text, rope_parameters=rope, max_position_embeddings=128000, rms_norm_eps=1e-6)
+    text_config.update(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643)
+    vision = dict(PUBLISHED_VISION, out_hidden_size=text["hidden_size"])
+    kw = dict(
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653
+    )
     return Qwen2_5_VLConfig(
-        text_config=dict(text, rope_parameters=rope, max_position_embeddings=128000, rms_norm_eps=1e-6,
-                         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
-        vision_config=dict(PUBLISHED_VISION, out_hidden_size=text["hidden_size"]),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=text["tie_word_embeddings"],
-    )  # fmt: skip
+        text_config=text_config, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"], **kw
+    )
 
 
 def trap_generation_config(tokenizer) -> GenerationConfig:
-    im_end, eot = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return GenerationConfig(bos_token_id=eot, pad_token_id=eot, eos_token_id=[im_end, eot],
-                            **INSTRUCT_GENERATION_DEFAULTS)  # fmt: skip
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    return GenerationConfig(
+        bos_token_id=eot, pad_token_id=eot, eos_token_id=[im_end, eot], **INSTRUCT_GENERATION_DEFAULTS
+    )
 
 
 def attention_implementation() -> str:
@@ -243,7 +296,9 @@ def attention_implementation() -> str:
         return "sdpa"
 
 
-def build_tiny(kind: str = "tiny", seed: int = 0) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyProcessor]:
+def build_tiny(
+    kind: str = "tiny", seed: int = 0
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyProcessor]:
     """A randomly initialised tiny Qwen2.5-VL, deterministic for `seed`, built offline."""
     if kind not in ("tiny", "tiny-qwen"):
         raise ValueError(f"unknown built-in model {kind!r} (expected 'tiny' or 'tiny-qwen')")
@@ -251,14 +306,20 @@ def build_tiny(kind: str = "tiny", seed: int = 0) -> tuple[Qwen2_5_VLForConditio
     processor = build_processor(tokenizer, build_image_processor(TINY_MIN_PIXELS, TINY_MAX_PIXELS))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_config(tokenizer), attn_implementation="sdpa",
-                                                                dtype=torch.float32)  # fmt: skip
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            tiny_config(tokenizer), attn_implementation="sdpa", dtype=torch.float32
+        )
     model.generation_config = trap_generation_config(tokenizer)
     return model, processor
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
-               on_meta: bool = False) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyProcessor]:
+def load_model(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    on_meta: bool = False,
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageOnlyProcessor]:
     """(model, processor) of `tiny`, `tiny-qwen`, or a Hugging Face checkpoint directory (see `load_weights`)."""
     if name in ("tiny", "tiny-qwen"):  # built from the seed on every rank: identical, and a few MB
         model, processor = build_tiny(name, seed)
@@ -266,8 +327,13 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
     return load_weights(name, dtype, device, seed, on_meta), load_processor(name)
 
 
-def load_weights(name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
-                 on_meta: bool = False) -> Qwen2_5_VLForConditionalGeneration:
+def load_weights(
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    on_meta: bool = False,
+) -> Qwen2_5_VLForConditionalGeneration:
     """The model alone (no tokenizer: a reference model needs none): `tiny`, `tiny-qwen`, or a Hugging Face
     checkpoint directory (no remote code, no hub access).
 
@@ -278,18 +344,20 @@ def load_weights(name: str, dtype: torch.dtype = torch.float32, device: str | to
     if name in ("tiny", "tiny-qwen"):
         return build_tiny(name, seed)[0].to(device=device, dtype=dtype)
     if not os.path.isdir(name):
-        raise FileNotFoundError(f"model {name!r}: not a directory (expected 'tiny', 'tiny-qwen' or a HF checkpoint)")
+        raise FileNotFoundError(
+            f"model {name!r}: not a directory (expected 'tiny', 'tiny-qwen' or a HF checkpoint)"
+        )
     if on_meta:
         config = Qwen2_5_VLConfig.from_pretrained(name, local_files_only=True)
         with torch.device("meta"):
             model = Qwen2_5_VLForConditionalGeneration._from_config(
-                config, attn_implementation=attention_implementation(), dtype=dtype)
+                config, attn_implementation=attention_implementation(), dtype=dtype
+            )
         if os.path.isfile(os.path.join(name, "generation_config.json")):
             model.generation_config = GenerationConfig.from_pretrained(name, local_files_only=True)
         return model
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        name, dtype=dtype, attn_implementation=attention_implementation(), trust_remote_code=False,
-        local_files_only=True).to(device)
+    kw = dict(dtype=dtype, attn_implementation=attention_implementation(), trust_remote_code=False)
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(name, local_files_only=True, **kw).to(device)
 
 
 def read_training_metadata(path: str) -> dict:
@@ -311,8 +379,9 @@ def recorded_prompt(model: str, prompt: str = "", placement: str = "") -> tuple[
     return prompt or meta.get("prompt") or REASONING_PROMPT, placement or meta.get("placement") or "system"
 
 
-def save_model(model: nn.Module, processor, out_dir: str, metadata: dict | None = None,
-               state_dict: dict | None = None) -> None:  # fmt: skip
+def save_model(
+    model: nn.Module, processor, out_dir: str, metadata: dict | None = None, state_dict: dict | None = None
+) -> None:
     """Hugging Face format, atomically: written to `out_dir.tmp`, then renamed over `out_dir`.
 
     `state_dict` (a full, gathered one) is given when the model is sharded (see `full_state_dict`).

@@ -90,8 +90,8 @@ class ChunkedLogProbs(torch.autograd.Function):
             logp_all = torch.mm(h, w32.T, out=buf[:m]).sub_(lse[s : s + cs, None])
             if with_entropy:  # gz = -p * (g + ge * (log p + H)) + onehot(t) g
                 p = torch.exp(logp_all, out=buf_p[:m])
-                gz = logp_all.add_(entropy[s : s + cs, None]).mul_(ge[s : s + cs, None]).add_(g[s : s + cs, None])
-                gz.mul_(p).neg_()
+                gz = logp_all.add_(entropy[s : s + cs, None]).mul_(ge[s : s + cs, None])
+                gz.add_(g[s : s + cs, None]).mul_(p).neg_()
             else:  # gz = -p g + onehot(t) g
                 gz = logp_all.exp_().mul_(-g[s : s + cs, None])
             gz.scatter_add_(1, targets[s : s + cs, None], g[s : s + cs, None])
@@ -104,28 +104,46 @@ class ChunkedLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                   chunk_size: int = 1024, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden (N, H), weight (V, H), targets (N,) -> fp32 log-probs (N,) and entropies (N,; zeros if not asked)."""
     with torch.autocast(hidden.device.type, enabled=False):  # the logits are fp32 even under bf16 autocast
-        return ChunkedLogProbs.apply(hidden, weight, targets, float(temperature), int(chunk_size), bool(with_entropy))
+        return ChunkedLogProbs.apply(
+            hidden, weight, targets, float(temperature), int(chunk_size), bool(with_entropy)
+        )
 
 
-def position_ids_for(model: Qwen2_5_VLForConditionalGeneration, input_ids, attention_mask, image_grid_thw,
-                     mm_token_type_ids) -> torch.Tensor:  # fmt: skip
+def position_ids_for(
+    model: Qwen2_5_VLForConditionalGeneration, input_ids, attention_mask, image_grid_thw, mm_token_type_ids
+) -> torch.Tensor:
     """3-D M-RoPE position ids (3, B, T), the same ones `generate` uses (PITFALLS: without
     `mm_token_type_ids` transformers silently falls back to 1-D positions). Text-only batches count
     positions over the attention mask, so left padding does not shift them."""
     if image_grid_thw is not None and len(image_grid_thw):
-        pos, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
-                                            image_grid_thw=image_grid_thw, attention_mask=attention_mask)  # fmt: skip
+        pos, _ = model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=mm_token_type_ids,
+            image_grid_thw=image_grid_thw,
+            attention_mask=attention_mask,
+        )
         return pos
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     return pos.unsqueeze(0).expand(3, -1, -1)
 
 
-def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                   rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_sequences(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    rows: list[list[int]],
+    pad_id: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A padded batch (B, T) packed into len(rows) rows, rows[r] listing the sequences of row r in order:
     (input_ids (R, W), position_ids (4, R, W), where (B, T)), W the longest row, `where[b, t]` the flat index
     (r * W + column) of token (b, t) in the packed rows (-1 for padding).
@@ -161,7 +179,8 @@ def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor, positi
 # Varlen attention for packed rows without flash-attn
 
 
-VARLEN_ATTENTION = "revisual_varlen"  # the text decoder's attention once a packed forward has run (sdpa otherwise)
+# the text decoder's attention once a packed forward has run (sdpa otherwise)
+VARLEN_ATTENTION = "revisual_varlen"
 # The mask mapping a packed forward hands the decoder: no (W x W) mask is built, attention reads the restarting
 # text positions instead (flash-attn's varlen path, or `varlen_sdpa_attention`).
 NO_MASK = {"full_attention": None, "sliding_attention": None}
@@ -185,9 +204,17 @@ def segment_bounds(text_positions: torch.Tensor) -> list[list[tuple[int, int]]]:
     return bounds
 
 
-def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def varlen_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, except on packed rows (no mask, the text positions restarting per sequence:
     `Policy.pack`), where each sequence runs as its own causal sdpa call: attention costs sum(len_i^2), not
     W^2 per row, and no mask is built, so a micro-batch can be one row of up to its token budget with no padding.
@@ -198,16 +225,16 @@ def varlen_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
 
     q_len = query.shape[2]
     if attention_mask is not None or position_ids is None or q_len < 2 or key.shape[2] != q_len:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_ids=position_ids, **kwargs)  # fmt: skip
-    gqa = query.shape[1] != key.shape[1]
+        kwargs.update(dropout=dropout, scaling=scaling, position_ids=position_ids)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    kw = dict(dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=query.shape[1] != key.shape[1])
     rows = []
     for r, bounds in enumerate(segment_bounds(position_ids)):
-        rows.append(torch.cat([
-            torch.nn.functional.scaled_dot_product_attention(
-                query[r : r + 1, :, s:e], key[r : r + 1, :, s:e], value[r : r + 1, :, s:e], dropout_p=dropout,
-                scale=scaling, is_causal=True, enable_gqa=gqa)
-            for s, e in bounds], dim=2))  # fmt: skip
+        q, k, v = query[r : r + 1], key[r : r + 1], value[r : r + 1]
+        rows.append(
+            torch.cat([sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], **kw) for s, e in bounds], dim=2)
+        )
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
@@ -230,8 +257,6 @@ def use_varlen_attention(model: Qwen2_5_VLForConditionalGeneration) -> bool:
     if tc._attn_implementation == "sdpa":
         tc._attn_implementation = VARLEN_ATTENTION
     return tc._attn_implementation in (VARLEN_ATTENTION, "flash_attention_2")
-
-
 
 
 class Policy(nn.Module):
@@ -276,7 +301,9 @@ class Policy(nn.Module):
         out = out.pooler_output if hasattr(out, "pooler_output") else out
         return out.float().sum() * 0.0
 
-    def _shared_prefix_hidden(self, input_ids, attention_mask, sel, pixel_values, image_grid_thw) -> torch.Tensor:
+    def _shared_prefix_hidden(
+        self, input_ids, attention_mask, sel, pixel_values, image_grid_thw
+    ) -> torch.Tensor:
         """The hidden states that predict the `sel` tokens (row-major), computed with every distinct prompt once.
 
         A row's prompt is everything before its first target token. The distinct prompts run left-padded through
@@ -339,13 +366,15 @@ class Policy(nn.Module):
             mask_c[r, : clen[r]] = 1
             sel_c[r, : clen[r]] = sel[r, start[r] : lengths[r]]
         pos_c = (next_pos[idx][:, None] + torch.arange(wc, device=dev)).unsqueeze(0).expand(3, b, wc)
-        out = self.model.model(input_ids=ids_c, attention_mask=torch.cat([mask_p[idx], mask_c], 1), position_ids=pos_c,
-                               use_cache=True, **{cache_kwarg(self.model): cache})  # fmt: skip
-        h_pred = torch.cat([h_first[:, None], out.last_hidden_state[:, :-1]], 1)  # h_pred[:, j] predicts ids_c[:, j]
+        kw = {"position_ids": pos_c, "use_cache": True, cache_kwarg(self.model): cache}
+        out = self.model.model(input_ids=ids_c, attention_mask=torch.cat([mask_p[idx], mask_c], 1), **kw)
+        # h_pred[:, j] predicts ids_c[:, j]
+        h_pred = torch.cat([h_first[:, None], out.last_hidden_state[:, :-1]], 1)
         return h_pred[sel_c]
 
-    def _packed_hidden(self, input_ids, attention_mask, sel, mm_token_type_ids, pixel_values, image_grid_thw,
-                       ) -> torch.Tensor:
+    def _packed_hidden(
+        self, input_ids, attention_mask, sel, mm_token_type_ids, pixel_values, image_grid_thw
+    ) -> torch.Tensor:
         """The hidden states that predict the `sel` tokens (row-major), with the batch packed padding-free.
 
         With varlen attention (flash-attn's, or `varlen_sdpa_attention`, which an sdpa decoder is switched to:
@@ -358,7 +387,9 @@ class Policy(nn.Module):
         import data as D
 
         cfg = self.model.config
-        position_ids = position_ids_for(self.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        position_ids = position_ids_for(
+            self.model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids
+        )
         lengths = attention_mask.sum(-1).tolist()
         varlen = use_varlen_attention(self.model)
         rows = D.pack_rows(lengths, None if varlen else D.MAX_WIDEN)
@@ -367,7 +398,8 @@ class Policy(nn.Module):
         mm = (ids == cfg.image_token_id).int()  # image slots, as the collate functions mark them
         pv = grid = None
         if pixel_values is not None:  # images in the packed order of their sequences
-            per_seq = (input_ids == cfg.vision_start_token_id).sum(-1).tolist()  # a sequence's images are consecutive
+            # a sequence's images are consecutive
+            per_seq = (input_ids == cfg.vision_start_token_id).sum(-1).tolist()
             blocks = D.slice_pixel_values(pixel_values, image_grid_thw, per_seq)
             first = [sum(per_seq[:b]) for b in range(len(per_seq))]
             order = [b for row in rows for b in row]
@@ -375,8 +407,8 @@ class Policy(nn.Module):
             grid = image_grid_thw[[i for b in order for i in range(first[b], first[b] + per_seq[b])]]
         unique = dedupe_images(pv, grid) if pv is not None and self.dedupe_images else None
         # varlen: no mask built (NO_MASK); else None, and transformers builds the block-diagonal mask from pos[0]
-        common = dict(attention_mask=NO_MASK if varlen else None, position_ids=pos, mm_token_type_ids=mm,
-                      use_cache=False)  # fmt: skip
+        mask = NO_MASK if varlen else None
+        common = dict(attention_mask=mask, position_ids=pos, mm_token_type_ids=mm, use_cache=False)
         if unique is None:
             out = self.model.model(input_ids=ids, pixel_values=pv, image_grid_thw=grid, **common)
         else:
@@ -398,8 +430,17 @@ class Policy(nn.Module):
             raise ValueError(f"{int(slots[..., 0].sum())} image tokens for {feats.shape[0]} image features")
         return embeds.masked_scatter(slots, feats.to(embeds.dtype))
 
-    def forward(self, input_ids, attention_mask, target_mask, pixel_values=None, image_grid_thw=None,
-                mm_token_type_ids=None, temperature: float = 1.0, with_entropy: bool = False):  # fmt: skip
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        target_mask,
+        pixel_values=None,
+        image_grid_thw=None,
+        mm_token_type_ids=None,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ):
         if mm_token_type_ids is None:
             mm_token_type_ids = (input_ids == self.model.config.image_token_id).int()
         has_images = pixel_values is not None and pixel_values.numel() > 0
@@ -409,29 +450,25 @@ class Policy(nn.Module):
         # Position t-1 predicts token t: the hidden states that predict a target token, in row-major order.
         sel = target_mask.bool().clone()
         sel[:, 0] = False
+        pv, grid = (pixel_values, image_grid_thw) if has_images else (None, None)
         if self.pack:
-            h_sel = self._packed_hidden(input_ids, attention_mask, sel, mm_token_type_ids,
-                                        pixel_values if has_images else None, image_grid_thw if has_images else None)
+            h_sel = self._packed_hidden(input_ids, attention_mask, sel, mm_token_type_ids, pv, grid)
         elif self.share_prefix and not is_gradient_checkpointing(self.model):
-            h_sel = self._shared_prefix_hidden(input_ids, attention_mask, sel, pixel_values if has_images else None,
-                                               image_grid_thw if has_images else None)  # fmt: skip
+            h_sel = self._shared_prefix_hidden(input_ids, attention_mask, sel, pv, grid)
         else:
-            position_ids = position_ids_for(self.model, input_ids, attention_mask,
-                                            image_grid_thw if has_images else None, mm_token_type_ids)  # fmt: skip
-            unique = dedupe_images(pixel_values, image_grid_thw) if has_images and self.dedupe_images else None
+            position_ids = position_ids_for(self.model, input_ids, attention_mask, grid, mm_token_type_ids)
+            unique = dedupe_images(pv, grid) if has_images and self.dedupe_images else None
+            common = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            common["mm_token_type_ids"] = mm_token_type_ids
             if unique is None:
-                out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       pixel_values=pixel_values if has_images else None,
-                                       image_grid_thw=image_grid_thw if has_images else None,
-                                       mm_token_type_ids=mm_token_type_ids, use_cache=False)  # fmt: skip
+                out = self.model.model(input_ids=input_ids, pixel_values=pv, image_grid_thw=grid, **common)
             else:  # a group's n sequences share their image: the tower runs once per distinct image
-                out = self.model.model(inputs_embeds=self.embeds_with_images(input_ids, *unique),
-                                       attention_mask=attention_mask, position_ids=position_ids,
-                                       mm_token_type_ids=mm_token_type_ids, use_cache=False)  # fmt: skip
+                out = self.model.model(inputs_embeds=self.embeds_with_images(input_ids, *unique), **common)
             hidden = out.last_hidden_state  # (B, T, H), after the final norm
             h_sel = hidden[torch.roll(sel, shifts=-1, dims=1)]  # src[b, t-1] = sel[b, t]
-        logp_sel, ent_sel = token_logprobs(h_sel, self.model.lm_head.weight, input_ids[sel], temperature,
-                                           self.chunk_size, with_entropy)  # fmt: skip
+        logp_sel, ent_sel = token_logprobs(
+            h_sel, self.model.lm_head.weight, input_ids[sel], temperature, self.chunk_size, with_entropy
+        )
         logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
         entropy = torch.zeros_like(logp)
         logp = logp.masked_scatter(sel, logp_sel)
@@ -461,8 +498,9 @@ def distinct_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) ->
     return keep, inverse
 
 
-def dedupe_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
-                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:  # fmt: skip
+def dedupe_images(
+    pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
     """A batch's images without repeats: (pixel_values, image_grid_thw, inverse) of the distinct images, where
     image i of the batch is distinct image inverse[i]; None when every image is distinct."""
     if len(image_grid_thw) < 2:

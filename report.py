@@ -36,11 +36,15 @@ def stage_summary(out_dir: str, stage: str, seconds: float) -> dict:
     rows = read_jsonl(os.path.join(out_dir, "eval", stage, "predictions.jsonl"))
     blank = read_jsonl(os.path.join(out_dir, "eval", f"{stage}_blank", "predictions.jsonl"))
     n = max(1, len(rows))
-    return {"stage": stage, "mm_acc": _acc(rows, "mm"), "mm_acc_blank": _acc(blank, "mm"),
-            "text_acc": _acc(rows, "text"),
-            "format": sum(format_reward(r["response"]) for r in rows) / n,  # over both test splits
-            "resp_len": sum(r.get("num_tokens", 0) for r in rows) / n,
-            "seconds": round(seconds, 1)}  # fmt: skip
+    return {
+        "stage": stage,
+        "mm_acc": _acc(rows, "mm"),
+        "mm_acc_blank": _acc(blank, "mm"),
+        "text_acc": _acc(rows, "text"),
+        "format": sum(format_reward(r["response"]) for r in rows) / n,  # over both test splits
+        "resp_len": sum(r.get("num_tokens", 0) for r in rows) / n,
+        "seconds": round(seconds, 1),
+    }
 
 
 def read_seconds(out_dir: str) -> dict[str, float]:
@@ -58,8 +62,10 @@ def table(stages: list[dict]) -> str:
     head = f"{'stage':<10} {'mm acc':>7} {'mm blank':>9} {'text acc':>9} {'format':>7} {'resp len':>9} {'seconds':>8}"
     lines = [head, "-" * len(head)]
     for s in stages:
-        lines.append(f"{s['stage']:<10} {s['mm_acc']:>7.3f} {s['mm_acc_blank']:>9.3f} {s['text_acc']:>9.3f} "
-                     f"{s['format']:>7.3f} {s['resp_len']:>9.1f} {s['seconds']:>8.1f}")  # fmt: skip
+        lines.append(
+            f"{s['stage']:<10} {s['mm_acc']:>7.3f} {s['mm_acc_blank']:>9.3f} {s['text_acc']:>9.3f} "
+            f"{s['format']:>7.3f} {s['resp_len']:>9.1f} {s['seconds']:>8.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -71,8 +77,13 @@ def plot(out_dir: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward", "reward"), ("acc", "train accuracy"), ("zero_adv_frac", "zero-advantage fraction"),
-              ("pad_kept", "PAD kept (sequences)"), ("resp_len", "response length (tokens)")]  # fmt: skip
+    panels = [
+        ("reward", "reward"),
+        ("acc", "train accuracy"),
+        ("zero_adv_frac", "zero-advantage fraction"),
+        ("pad_kept", "PAD kept (sequences)"),
+        ("resp_len", "response length (tokens)"),
+    ]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (key, title) in zip(axes.flat, panels):
         for stage in ("grpo_mm", "grpo_text"):
@@ -97,8 +108,8 @@ def plot(out_dir: str, path: str) -> None:
 
 def main(out_dir: str) -> dict:
     seconds = read_seconds(out_dir)
-    stages = [stage_summary(out_dir, s, seconds.get(s, 0.0)) for s in STAGES
-              if os.path.exists(os.path.join(out_dir, "eval", s, "predictions.jsonl"))]  # fmt: skip
+    done = [s for s in STAGES if os.path.exists(os.path.join(out_dir, "eval", s, "predictions.jsonl"))]
+    stages = [stage_summary(out_dir, s, seconds.get(s, 0.0)) for s in done]
     summary = {"stages": stages, "seconds": round(sum(seconds.values()), 1)}
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

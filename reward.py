@@ -206,7 +206,9 @@ class _Num:
 
 _DEC = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+"
 _NUM_RE = re.compile(rf"([+-]?)({_DEC})")
-_FRAC_RE = re.compile(rf"([+-]?)(?:\\frac\{{([+-]?(?:{_DEC}))\}}\{{([+-]?(?:{_DEC}))\}}|\\frac(\d)(\d)|({_DEC})/({_DEC}))")
+_FRAC_RE = re.compile(
+    rf"([+-]?)(?:\\frac\{{([+-]?(?:{_DEC}))\}}\{{([+-]?(?:{_DEC}))\}}|\\frac(\d)(\d)|({_DEC})/({_DEC}))"
+)
 
 
 def _dec(text: str) -> _Num:
@@ -338,7 +340,9 @@ def _options_matching(text: str, options: list[str], strict: bool = False) -> fr
         if not o:
             continue
         o_num = _to_number(o)
-        if o.lower() == t.lower() or (t_num is not None and o_num is not None and _num_equal(t_num, o_num, strict)):
+        if o.lower() == t.lower() or (
+            t_num is not None and o_num is not None and _num_equal(t_num, o_num, strict)
+        ):
             hits.add(chr(65 + i))
     return frozenset(hits)
 
@@ -447,7 +451,9 @@ def get_grader_pool(workers: int) -> ProcessPoolExecutor:
     with _pools_lock:
         pool = _pools.get(workers)
         if pool is None:
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=V.warmup)
+            pool = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=V.warmup
+            )
             _pools[workers] = pool
         return pool
 
@@ -497,4 +503,3 @@ def score_completions(
         total = cfg.w_acc * acc + cfg.w_fmt * fmt + cfg.w_len * ln
         out.append({"reward": total, "acc": acc, "format": fmt, "len_reward": ln})
     return out
-

@@ -31,8 +31,8 @@ def generation_config(tokenizer, temperature: float, top_p: float, max_new_token
     transformers' own defaults (temperature 1, top_p 1, top_k 50): left unset, HF `generate` would fill them in
     from the checkpoint's file; set to anything else, it warns that they are not valid without sampling."""
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    common = dict(repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                  pad_token_id=tokenizer.pad_token_id, suppress_tokens=vision_special_ids(tokenizer))
+    common = dict(repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos)
+    common.update(pad_token_id=tokenizer.pad_token_id, suppress_tokens=vision_special_ids(tokenizer))
     if temperature > 0:
         return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, **common)
     return GenerationConfig(do_sample=False, temperature=1.0, top_p=1.0, top_k=50, **common)
@@ -84,8 +84,9 @@ def _inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
     return (bi * blk + j).squeeze(1).clamp_(max=v - 1)
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, max_rounds: int = 16,
-                  ) -> torch.Tensor:  # fmt: skip
+def sample_tokens(
+    logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, max_rounds: int = 16
+) -> torch.Tensor:
     """One token per row of `logits` (B, V), from softmax(logits / temperature) restricted to the top-p nucleus and
     renormalised: the distribution of HF `generate`'s TemperatureLogitsWarper -> TopPLogitsWarper -> softmax ->
     multinomial (a token is in the nucleus iff the tokens strictly more likely than it hold < top_p of the mass;
@@ -125,9 +126,14 @@ def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
 
 
 @torch.no_grad()
-def prefill(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-            mm_token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, object, torch.Tensor]:
+def prefill(
+    model: Qwen2_5_VLForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, object, torch.Tensor]:
     """One forward over left-padded prompts (vision tower and 3-D M-RoPE through the HF modules) -> (the last
     position's hidden state (B, H) after the final norm, the HF KV cache, next_pos (B,)). Every new token sits one
     past its prompt's largest M-RoPE position, on all three axes, as in HF generate; `model.lm_head(hidden)` gives
@@ -135,28 +141,33 @@ def prefill(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor, 
     if mm_token_type_ids is None:
         mm_token_type_ids = (input_ids == model.config.image_token_id).int()
     has_images = pixel_values is not None and pixel_values.numel() > 0
-    pos = position_ids_for(model, input_ids, attention_mask, image_grid_thw if has_images else None, mm_token_type_ids)
+    pixels, grid = (pixel_values, image_grid_thw) if has_images else (None, None)
+    pos = position_ids_for(model, input_ids, attention_mask, grid, mm_token_type_ids)
     next_pos = pos.masked_fill(attention_mask[None] == 0, -1).amax(dim=(0, 2)) + 1  # (B,)
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                      pixel_values=pixel_values if has_images else None,
-                      image_grid_thw=image_grid_thw if has_images else None, mm_token_type_ids=mm_token_type_ids,
-                      use_cache=True)
+    images = dict(pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm_token_type_ids)
+    out = model.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, **images
+    )
     return out.last_hidden_state[:, -1], output_cache(out), next_pos
 
 
 # GenerationConfig fields that `generate` below implements; any other field away from its default sends the call to
 # HF `generate` (beam search, top-k, repetition penalty, min_p, ... are not reimplemented).
-_DEFAULT_OK = {"num_beams": (None, 1), "top_k": (None, 0), "repetition_penalty": (None, 1.0), "min_p": (None,),
-               "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "top_h": (None,),
-               "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,), "forced_bos_token_id": (None,),
-               "forced_eos_token_id": (None,), "begin_suppress_tokens": (None,), "sequence_bias": (None,),
-               "num_return_sequences": (None, 1), "return_dict_in_generate": (None, False),
-               "output_scores": (None, False), "output_logits": (None, False), "min_length": (None, 0),
-               "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False),
-               "encoder_repetition_penalty": (None, 1.0), "guidance_scale": (None, 1.0), "stop_strings": (None,),
-               "prompt_lookup_num_tokens": (None,), "assistant_early_exit": (None,), "cache_implementation": (None,),
-               "watermarking_config": (None,), "penalty_alpha": (None,), "diversity_penalty": (None, 0.0),
-               "low_memory": (None, False), "use_cache": (None, True), "max_time": (None,)}  # fmt: skip
+_DEFAULT_OK = {  # field -> the values at which it changes nothing (None: unset)
+    **dict.fromkeys("num_beams num_return_sequences".split(), (None, 1)),
+    **dict.fromkeys("top_k no_repeat_ngram_size min_length".split(), (None, 0)),
+    **dict.fromkeys(
+        "repetition_penalty typical_p encoder_repetition_penalty guidance_scale".split(), (None, 1.0)
+    ),
+    **dict.fromkeys("epsilon_cutoff eta_cutoff diversity_penalty".split(), (None, 0.0)),
+    **dict.fromkeys("return_dict_in_generate output_scores output_logits".split(), (None, False)),
+    **dict.fromkeys("renormalize_logits low_memory".split(), (None, False)),
+    **dict.fromkeys("use_cache".split(), (None, True)),
+    **dict.fromkeys("min_p top_h bad_words_ids forced_bos_token_id forced_eos_token_id".split(), (None,)),
+    **dict.fromkeys("begin_suppress_tokens sequence_bias exponential_decay_length_penalty".split(), (None,)),
+    **dict.fromkeys("stop_strings prompt_lookup_num_tokens assistant_early_exit".split(), (None,)),
+    **dict.fromkeys("cache_implementation watermarking_config penalty_alpha max_time".split(), (None,)),
+}
 
 
 def fast_generate_supported(gc: GenerationConfig) -> bool:
@@ -168,11 +179,19 @@ def fast_generate_supported(gc: GenerationConfig) -> bool:
 
 
 @torch.no_grad()
-def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-             generation_config: GenerationConfig, pixel_values: torch.Tensor | None = None,
-             image_grid_thw: torch.Tensor | None = None, mm_token_type_ids: torch.Tensor | None = None,
-             num_return_sequences: int = 1, synced_gpus: bool = False, use_hf: bool = False,
-             logits_hook=None) -> torch.Tensor:  # fmt: skip
+def generate(
+    model: Qwen2_5_VLForConditionalGeneration,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generation_config: GenerationConfig,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+    num_return_sequences: int = 1,
+    synced_gpus: bool = False,
+    use_hf: bool = False,
+    logits_hook=None,
+) -> torch.Tensor:
     """`model.generate(input_ids, attention_mask, ..., generation_config=gc)` for rollouts, in our own decode loop:
     the same output (prompt + new tokens, rows padded with pad_token_id after their end-of-turn; as many columns
     as the longest row needed) and the same sampling distribution (`sample_tokens`; greedy when
@@ -190,12 +209,14 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
     sampling, with the rows' output indices and new-token counts; engine.generate takes the same hook."""
     gc, n = generation_config, num_return_sequences
     if use_hf or synced_gpus or not fast_generate_supported(gc):
-        extra = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
-                                   ("mm_token_type_ids", mm_token_type_ids)) if v is not None}  # fmt: skip
+        extra = dict(
+            pixel_values=pixel_values, image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids
+        )
+        extra = {k: v for k, v in extra.items() if v is not None}
         if n > 1:
             gc = GenerationConfig.from_dict({**gc.to_dict(), "num_return_sequences": n})
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gc,
-                              synced_gpus=synced_gpus, **extra)  # fmt: skip
+        extra.update(generation_config=gc, synced_gpus=synced_gpus)
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **extra)
     device = input_ids.device
     eos_ids = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
     eos = torch.tensor(eos_ids, device=device)
@@ -204,8 +225,9 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
     temperature = gc.temperature if gc.temperature is not None else 1.0
     top_p = gc.top_p if gc.top_p is not None else 1.0
     max_new, min_new = gc.max_new_tokens, gc.min_new_tokens or 0
-    hidden, cache, next_pos = prefill(model, input_ids, attention_mask, pixel_values, image_grid_thw,
-                                      mm_token_type_ids)
+    hidden, cache, next_pos = prefill(
+        model, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids
+    )
     cache_kw = cache_kwarg(model)
     logits = model.lm_head(hidden).float()
     if n > 1:
@@ -232,8 +254,8 @@ def generate(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor,
         if k == max_new - 1 or not bool(unfinished.any()):
             break
         step_pos = (next_pos + k).view(1, b, 1).expand(3, b, 1)
-        out = model(input_ids=tok[:, None], attention_mask=mask[:, : prompt_len + k + 1], position_ids=step_pos,
-                    use_cache=True, **{cache_kw: cache})  # fmt: skip
+        step = {"position_ids": step_pos, "use_cache": True, cache_kw: cache}
+        out = model(input_ids=tok[:, None], attention_mask=mask[:, : prompt_len + k + 1], **step)
         logits = out.logits[:, -1].float()
         del out
     return torch.cat([input_ids, new[:, :steps]], dim=1)

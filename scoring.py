@@ -59,7 +59,9 @@ class _Parser:
 
     def _eat(self, *toks: str) -> str | None:
         for t in toks:
-            if self._peek(t) and not (t[0] == "\\" and self.s[self.i + len(t) : self.i + len(t) + 1].isalpha()):
+            if self._peek(t) and not (
+                t[0] == "\\" and self.s[self.i + len(t) : self.i + len(t) + 1].isalpha()
+            ):
                 self.i += len(t)
                 return t
         return None
@@ -252,7 +254,9 @@ def summarize(bench: str, rows: list[dict]) -> dict:
         versions = defaultdict(list)
         for i, a in item_acc.items():
             versions[meta[i]["problem_version"]].append(a)
-        out["per_version"] = {v: {"accuracy": sum(a) / len(a), "n": len(a)} for v, a in sorted(versions.items())}
+        out["per_version"] = {
+            v: {"accuracy": sum(a) / len(a), "n": len(a)} for v, a in sorted(versions.items())
+        }
     elif bench == "dynamath":
         worst = []
         for s in sorted({r.get("sample", 0) for r in rows}):
@@ -309,7 +313,9 @@ def complete_meta(bench: str, row: dict, where: str) -> dict:
         meta.update(group=m.group(1), key=m.group(2))
     elif bench == "mathvista" and not row.get("choices") and _is_number(gold):
         atype = meta.get("answer_type")
-        if atype not in ("integer", "float", "text", "list") or (atype == "float" and meta.get("precision") is None):
+        if atype not in ("integer", "float", "text", "list") or (
+            atype == "float" and meta.get("precision") is None
+        ):
             missing = "meta.precision" if atype == "float" else "meta.answer_type"
             raise D.DataError(
                 f"{where}: mathvista: gold {gold!r} is numeric but {missing} is missing: MathVista rounds "

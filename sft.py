@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -98,7 +99,7 @@ class SFTConfig:
     adam_eps: float = 1e-8
     global_batch: int = 16  # sequences per optimizer step over all ranks; 7B: 64 (8 GPUs x 1 x accum 8)
     micro_batch: int = 8  # sequences per forward per rank; 7B: 1
-    micro_batch_tokens: int = 0  # > 0: micro-batches packed padding-free up to this many tokens (replaces micro_batch)
+    micro_batch_tokens: int = 0  # > 0: padding-free micro-batches of up to this many tokens; 0: micro_batch
     max_len: int = 32768  # paper: 32768 (prompt + solution tokens)
     grad_clip: float = 1.0  # max grad norm (0 = off); paper silent, HF default
     seed: int = 0
@@ -116,7 +117,7 @@ class SFTConfig:
     max_pixels: int = 0  # and at most this many: max_pixels / 784 tokens per image (0: the checkpoint's own)
     group_by_length: bool = True  # micro-batches of similar length (less padding)
     prompt: str = ""  # "" = what the starting checkpoint was trained with (else the paper's Fig. 5 prompt)
-    placement: str = ""  # system (paper Fig. 5) | user (released code); "" = as the checkpoint recorded (else system)
+    placement: str = ""  # system (paper Fig. 5) | user (released code); "" = the checkpoint's, else system
     max_bad_steps: int = 5  # this many non-finite steps in a row stop the run
     skip_bad: bool = False  # drop (and count) bad or too-long records instead of stopping
     chunk_size: int = 1024  # tokens per lm_head chunk of the log-prob computation
@@ -150,7 +151,9 @@ class Example:
         return len(self.prompt.input_ids) + len(self.completion)
 
 
-def epoch_order(lengths: list[int], seed: int, epoch: int, micro_batch: int, group_by_length: bool) -> list[int]:
+def epoch_order(
+    lengths: list[int], seed: int, epoch: int, micro_batch: int, group_by_length: bool
+) -> list[int]:
     """The order of an epoch: a function of (seed, epoch) only (not of the world size), so resume is exact."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     if group_by_length:
@@ -158,8 +161,14 @@ def epoch_order(lengths: list[int], seed: int, epoch: int, micro_batch: int, gro
     return torch.randperm(len(lengths), generator=g).tolist()
 
 
-def rank_micro_batches(items: list[int], micro_batch: int, world: int, rank: int, lengths: list[int] | None = None,
-                       budget: int = 0) -> list[list[int] | None]:
+def rank_micro_batches(
+    items: list[int],
+    micro_batch: int,
+    world: int,
+    rank: int,
+    lengths: list[int] | None = None,
+    budget: int = 0,
+) -> list[list[int] | None]:
     """This rank's micro-batches of a step: the step's items cut into runs of `micro_batch` (consecutive in the
     length-grouped order), dealt round-robin to ranks. Every rank gets the same count; `None` is a zero-weight
     filler (it still runs forward/backward so the collectives match).
@@ -184,8 +193,10 @@ def filler_items(items: list[int], cfg: SFTConfig, lengths: list[int]) -> list[i
 def accumulation(cfg: SFTConfig, lengths: list[int], world: int) -> str:
     """Micro-batches per rank in a step, for the start-up log: with packing the count depends on the step's
     lengths, so it is the range over the first epoch's steps (e.g. "2-3")."""
-    counts = {len(rank_micro_batches(items, cfg.micro_batch, world, 0, lengths, cfg.micro_batch_tokens))
-              for items in epoch_steps(lengths, cfg, 0)}  # fmt: skip
+    counts = {
+        len(rank_micro_batches(items, cfg.micro_batch, world, 0, lengths, cfg.micro_batch_tokens))
+        for items in epoch_steps(lengths, cfg, 0)
+    }
     return str(min(counts)) if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
 
 
@@ -239,8 +250,10 @@ def build_examples(records: list[D.Record], processor, cfg: SFTConfig) -> list[E
     for p in prompts:
         ex = Example(p, D.encode_completion(p.record.solution or "", processor.tokenizer))
         if ex.length > cfg.max_len:
-            msg = (f"{p.record.source}: field 'solution': prompt + solution is {ex.length} tokens, "
-                   f"over max_len {cfg.max_len}")  # fmt: skip
+            msg = (
+                f"{p.record.source}: field 'solution': prompt + solution is {ex.length} tokens, "
+                f"over max_len {cfg.max_len}"
+            )
             if not cfg.skip_bad:
                 raise D.DataError(msg)
             dropped += 1
@@ -256,7 +269,8 @@ def build_examples(records: list[D.Record], processor, cfg: SFTConfig) -> list[E
 
 def collate(examples: list[Example], pad_id: int, image_token_id: int, device) -> dict:
     """data.collate_sequences (what data.collate_sft does, with the solutions tokenised once up front)."""
-    b = D.collate_sequences([e.prompt for e in examples], [e.completion for e in examples], pad_id, image_token_id)
+    prompts, completions = [e.prompt for e in examples], [e.completion for e in examples]
+    b = D.collate_sequences(prompts, completions, pad_id, image_token_id)
     b.pop("labels")
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
 
@@ -278,8 +292,8 @@ def wrap(policy: P.Policy, mode: str, bf16: bool, d: C.Dist, from_rank0: bool = 
         return SH.shard(policy, param_dtype=torch.bfloat16 if bf16 else None, from_rank0=from_rank0)
     SH.place_replica(policy, d.device, from_rank0)
     if mode == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(policy, device_ids=[d.local_rank] if d.device.type == "cuda"
-                                                         else None)  # fmt: skip
+        device_ids = [d.local_rank] if d.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(policy, device_ids=device_ids)
     return policy
 
 
@@ -307,8 +321,9 @@ def open_wandb(cfg: SFTConfig, d: C.Dist):
     except ImportError:
         log.warning("wandb_project is set but wandb does not import: not logging to wandb")
         return None
-    return wandb.init(project=cfg.wandb_project, name=os.path.basename(os.path.abspath(cfg.out_dir)),
-                      config=dataclasses.asdict(cfg), dir=cfg.out_dir, resume="allow")  # fmt: skip
+    name = os.path.basename(os.path.abspath(cfg.out_dir))
+    config = dataclasses.asdict(cfg)
+    return wandb.init(project=cfg.wandb_project, name=name, config=config, dir=cfg.out_dir, resume="allow")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,19 +331,21 @@ def open_wandb(cfg: SFTConfig, d: C.Dist):
 
 
 @torch.no_grad()
-def eval_loss(wrapped, examples: list[Example], cfg: SFTConfig, d: C.Dist, pad_id: int, image_token_id: int) -> float:
+def eval_loss(
+    wrapped, examples: list[Example], cfg: SFTConfig, d: C.Dist, pad_id: int, image_token_id: int
+) -> float:
     """Per-token NLL on held-out examples; micro-batches by length, dealt to ranks (same count on every rank)."""
     order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     lengths = [e.length for e in examples]
     wrapped.eval()
     nll = torch.zeros(2, dtype=torch.float64)
     for chunk in rank_micro_batches(order, cfg.micro_batch, d.world, d.rank, lengths, cfg.micro_batch_tokens):
-        batch = collate([examples[i] for i in (chunk or filler_items(order, cfg, lengths))], pad_id, image_token_id,
-                        d.device)
+        items = chunk or filler_items(order, cfg, lengths)
+        batch = collate([examples[i] for i in items], pad_id, image_token_id, d.device)
         logp, _ = wrapped(**batch)
         if chunk is not None:
-            nll += torch.tensor([-(logp * batch["target_mask"]).sum().item(), batch["target_mask"].sum().item()],
-                                dtype=torch.float64)  # fmt: skip
+            mask = batch["target_mask"]
+            nll += torch.tensor([-(logp * mask).sum().item(), mask.sum().item()], dtype=torch.float64)
     wrapped.train()
     nll = C.all_reduce_sum(nll.to(d.device), d).cpu()
     return float(nll[0] / nll[1])
@@ -341,10 +358,11 @@ def eval_loss(wrapped, examples: list[Example], cfg: SFTConfig, d: C.Dist, pad_i
 def train(cfg: SFTConfig) -> str:
     """Run the stage; returns the path of the final model."""
     validate(cfg)
-    cfg = dataclasses.replace(cfg, **dict(zip(("prompt", "placement"), M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement))))
+    prompt, placement = M.recorded_prompt(cfg.model, cfg.prompt, cfg.placement)
+    cfg = dataclasses.replace(cfg, prompt=prompt, placement=placement)
     d = C.init_distributed(timeout_min=cfg.dist_timeout_min)
-    logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
-                        format=f"[sft rank {d.rank}] %(levelname)s %(message)s")  # fmt: skip
+    level = logging.INFO if d.main else logging.WARNING
+    logging.basicConfig(level=level, format=f"[sft rank {d.rank}] %(levelname)s %(message)s")
     mode, bf16 = choose_mode(cfg, d)
     memory = C.PhaseMemory(d.device)  # each step's peak, logged as mem_step_mb (memory.py models it)
     C.seed_everything(cfg.seed)
@@ -365,10 +383,14 @@ def train(cfg: SFTConfig) -> str:
     steps_per_epoch = math.ceil(n / cfg.global_batch)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * steps_per_epoch)
     micro = f"{cfg.micro_batch_tokens} tokens (packed)" if cfg.micro_batch_tokens else str(cfg.micro_batch)
-    log.info("%d train records (%d with images), %d eval; %d steps (%d per epoch), global batch %d = %d ranks x "
-             "%s micro-batches x %s; mode %s, bf16 %s", n, sum(e.prompt.pixel_values is not None for e in train_ex),
-             len(eval_ex), total, steps_per_epoch, cfg.global_batch, d.world, accumulation(cfg, lengths, d.world),
-             micro, mode, bf16)
+    with_images = sum(e.prompt.pixel_values is not None for e in train_ex)
+    args = (n, with_images, len(eval_ex), total, steps_per_epoch)
+    args += (cfg.global_batch, d.world, accumulation(cfg, lengths, d.world), micro, mode, bf16)
+    log.info(
+        "%d train records (%d with images), %d eval; %d steps (%d per epoch), global batch %d = %d ranks x "
+        "%s micro-batches x %s; mode %s, bf16 %s",
+        *args,
+    )
 
     # Model, optimizer
     policy = P.Policy(model, chunk_size=cfg.chunk_size)
@@ -378,8 +400,9 @@ def train(cfg: SFTConfig) -> str:
     policy.train()
     wrapped = wrap(policy, mode, bf16, d, from_rank0)
     # bf16 without FSDP: autocast (weights stay fp32; token_logprobs turns it off for the fp32 logits).
-    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if bf16 and mode != "fsdp" else (
-        contextlib.nullcontext)  # fmt: skip
+    autocast = contextlib.nullcontext
+    if bf16 and mode != "fsdp":
+        autocast = functools.partial(torch.autocast, d.device.type, dtype=torch.bfloat16)
     optimizer = make_optimizer(wrapped, cfg)
 
     # Resume
@@ -390,7 +413,9 @@ def train(cfg: SFTConfig) -> str:
         step, epoch, index = state["step"], state["epoch"], state["index"]
         bad_streak, bad_total, elapsed_before = state["bad_streak"], state["bad_total"], state["elapsed_s"]
         if state.get("global_batch") != cfg.global_batch or state.get("n_records") != n:
-            log.warning("resuming %s with a different global_batch or data size: the data position may shift", ckpt)
+            log.warning(
+                "resuming %s with a different global_batch or data size: the data position may shift", ckpt
+            )
         log.info("resumed from %s (step %d, epoch %d, index %d)", ckpt, step, epoch, index)
     metrics = C.JsonlLog(os.path.join(cfg.out_dir, "metrics.jsonl"), enabled=d.main)
     metrics.truncate_after(step)
@@ -416,8 +441,8 @@ def train(cfg: SFTConfig) -> str:
         # reduce-scatters after each (keeping unsharded gradients across micro-batches would cost their memory).
         nll_local = 0.0
         for k, mb in enumerate(mine):
-            batch = collate([train_ex[i] for i in (mb or filler_items(items, cfg, lengths))], tok.pad_token_id,
-                            image_token_id, d.device)  # fmt: skip
+            mb_items = mb or filler_items(items, cfg, lengths)
+            batch = collate([train_ex[i] for i in mb_items], tok.pad_token_id, image_token_id, d.device)
             sync = mode != "ddp" or k == len(mine) - 1
             with contextlib.nullcontext() if sync else wrapped.no_sync():
                 with autocast():
@@ -425,7 +450,8 @@ def train(cfg: SFTConfig) -> str:
                 nll = -(logp * batch["target_mask"]).sum() * (1.0 if mb else 0.0)  # a filler weighs 0
                 token_mean_loss([nll], global_tokens, d.world).backward()
             nll_local += nll.item()
-        loss = float(C.all_reduce_sum(torch.tensor([nll_local], dtype=torch.float64, device=d.device), d).item())
+        nll_sum = C.all_reduce_sum(torch.tensor([nll_local], dtype=torch.float64, device=d.device), d)
+        loss = float(nll_sum.item())
         loss /= global_tokens
 
         lr = lr_at(step, total, cfg.lr, cfg.warmup_ratio)
@@ -448,13 +474,27 @@ def train(cfg: SFTConfig) -> str:
         dt = time.time() - t0
         seq_tokens = sum(lengths[i] for i in items)
         # every rank's real micro-batches (the plan is the same function on every rank)
-        plan = [mb for r in range(d.world) for mb in rank_micro_batches(items, cfg.micro_batch, d.world, r, lengths,
-                                                                        cfg.micro_batch_tokens) if mb]
+        plan = [
+            mb
+            for r in range(d.world)
+            for mb in rank_micro_batches(items, cfg.micro_batch, d.world, r, lengths, cfg.micro_batch_tokens)
+            if mb
+        ]
         padded = computed_tokens(plan, lengths, cfg.micro_batch_tokens > 0)
-        row = {"step": step, "epoch": round(epoch + index / n, 4), "loss": loss if not skipped else 0.0, "lr": lr,
-               "grad_norm": grad_norm if not skipped else 0.0, "tokens": global_tokens, "seq_tokens": seq_tokens,
-               "pad_frac": 1.0 - seq_tokens / padded, "tokens_per_s": seq_tokens / max(dt, 1e-9),
-               "skipped": int(skipped), "bad_steps": bad_total, "mem_step_mb": memory.peak_mb()}  # fmt: skip
+        row = {
+            "step": step,
+            "epoch": round(epoch + index / n, 4),
+            "loss": loss if not skipped else 0.0,
+            "lr": lr,
+            "grad_norm": grad_norm if not skipped else 0.0,
+            "tokens": global_tokens,
+            "seq_tokens": seq_tokens,
+            "pad_frac": 1.0 - seq_tokens / padded,
+            "tokens_per_s": seq_tokens / max(dt, 1e-9),
+            "skipped": int(skipped),
+            "bad_steps": bad_total,
+            "mem_step_mb": memory.peak_mb(),
+        }
         if eval_ex and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             with autocast():
                 row["eval_loss"] = eval_loss(wrapped, eval_ex, cfg, d, tok.pad_token_id, image_token_id)
@@ -465,19 +505,30 @@ def train(cfg: SFTConfig) -> str:
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{lr:.2e}")
         bar.update(1)
         if d.main and cfg.log_every and step % cfg.log_every == 0:
-            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            bar.write(
+                " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            )
         if skipped:
-            log.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)",
-                        step, loss, grad_norm, bad_streak)
+            msg = "step %d: non-finite loss or gradient (loss %s, grad norm %s): update skipped (%d in a row)"
+            log.warning(msg, step, loss, grad_norm, bad_streak)
             if bad_streak >= cfg.max_bad_steps:
                 bar.close()
-                sys.exit(f"error: {bad_streak} non-finite steps in a row (up to step {step}), stopping; "
-                         f"lower --lr or check the data (last checkpoint: {C.latest_checkpoint(cfg.out_dir)})")
+                sys.exit(
+                    f"error: {bad_streak} non-finite steps in a row (up to step {step}), stopping; "
+                    f"lower --lr or check the data (last checkpoint: {C.latest_checkpoint(cfg.out_dir)})"
+                )
 
         if cfg.save_every and step % cfg.save_every == 0 and step < total:
-            state = {"epoch": epoch, "index": index, "bad_streak": bad_streak, "bad_total": bad_total,
-                     "elapsed_s": row["elapsed_s"], "global_batch": cfg.global_batch, "n_records": n,
-                     "scheduler": {"step": step, "total": total, "warmup": warmup_steps(total, cfg.warmup_ratio)}}
+            state = {
+                "epoch": epoch,
+                "index": index,
+                "bad_streak": bad_streak,
+                "bad_total": bad_total,
+                "elapsed_s": row["elapsed_s"],
+                "global_batch": cfg.global_batch,
+                "n_records": n,
+                "scheduler": {"step": step, "total": total, "warmup": warmup_steps(total, cfg.warmup_ratio)},
+            }
             C.save_checkpoint(cfg.out_dir, step, wrapped, optimizer, state, d, keep=cfg.keep_checkpoints)
             C.debug_kill_hook("saved", step)
     bar.close()
@@ -486,8 +537,7 @@ def train(cfg: SFTConfig) -> str:
     final = os.path.join(cfg.out_dir, "final")
     state_dict = SH.full_state_dict(policy)
     if d.main:
-        meta = {"prompt": cfg.prompt, "placement": cfg.placement, "stage": "sft", "base_model": cfg.model,
-                "steps": step}  # fmt: skip
+        meta = dict(prompt=cfg.prompt, placement=cfg.placement, stage="sft", base_model=cfg.model, steps=step)
         M.save_model(policy.model, processor, final, metadata=meta, state_dict=state_dict)
         log.info("final model written to %s", final)
     C.barrier(d)

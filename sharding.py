@@ -21,8 +21,12 @@ from model import is_gradient_checkpointing, set_gradient_checkpointing
 from policy import Policy
 
 
-def shard(policy: Policy, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
-          from_rank0: bool = False) -> Policy:
+def shard(
+    policy: Policy,
+    param_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+    from_rank0: bool = False,
+) -> Policy:
     """FSDP2: one unit per vision block and per decoder layer, then the root (the Policy, which owns the
     embeddings, the vision patch embed/merger and lm_head). With `param_dtype=bf16` the compute runs in bf16
     while the sharded master weights, gradients and optimizer state stay fp32 (PITFALLS: at lr 1e-6 a bf16
@@ -89,13 +93,17 @@ def _fill_shards_from_rank0(policy: Policy, full: dict[str, torch.Tensor]) -> No
 
     device = next(p for p in policy.parameters()).device
     if device.type == "meta":  # the ranks that built on meta: allocate their shards (values follow)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        cuda = torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         policy.to_empty(device=device)
     with torch.no_grad():
         for name, param in policy.named_parameters():
             if isinstance(param, DTensor):
-                src = full[name].to(device) if dist.get_rank() == 0 else torch.empty(param.shape, dtype=param.dtype,
-                                                                                     device=device)
+                src = (
+                    full[name].to(device)
+                    if dist.get_rank() == 0
+                    else torch.empty(param.shape, dtype=param.dtype, device=device)
+                )
                 piece = distribute_tensor(src, param.device_mesh, param.placements, src_data_rank=0)
                 param.to_local().copy_(piece.to_local())
                 full.pop(name, None)  # rank 0: the full tensor is released as soon as it is scattered

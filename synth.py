@@ -52,7 +52,9 @@ from PIL import Image, ImageDraw
 @dataclass
 class SynthConfig:
     seed: int = field(default=0, metadata={"help": "seed of every draw and of the split partition"})
-    mm_share: float = field(default=0.0, metadata={"help": "share of image records in sft/sft_test (paper: 0)"})
+    mm_share: float = field(
+        default=0.0, metadata={"help": "share of image records in sft/sft_test (paper: 0)"}
+    )
     n_sft: int = field(default=4000, metadata={"help": "records in sft.jsonl"})
     n_sft_test: int = field(default=200, metadata={"help": "records in sft_test.jsonl (held out, same mix)"})
     n_mm_train: int = field(default=3000, metadata={"help": "records in mm_train.jsonl"})
@@ -67,8 +69,12 @@ class SynthConfig:
     mc_share: float = field(default=0.2, metadata={"help": "share of multiple-choice items in every split"})
     n_choices: int = field(default=4, metadata={"help": "options per multiple-choice item"})
     sft_hard_share: float = field(default=0.0, metadata={"help": "share of hard items in sft/sft_test"})
-    sft_mm_hard_share: float = field(default=-1.0, metadata={
-        "help": "share of hard items among the image records of sft/sft_test (< 0: sft_hard_share)"})
+    sft_mm_hard_share: float = field(
+        default=-1.0,
+        metadata={
+            "help": "share of hard items among the image records of sft/sft_test (< 0: sft_hard_share)"
+        },
+    )
     rl_hard_share: float = field(default=0.7, metadata={"help": "share of hard items in mm_train/text_train"})
     test_hard_share: float = field(default=0.7, metadata={"help": "share of hard items in mm_test/text_test"})
     test_frac: float = field(default=0.3, metadata={"help": "share of the problem space held out for tests"})
@@ -80,19 +86,28 @@ class SynthConfig:
                 raise ValueError(f"synth: {msg}")
 
         need(self.seed >= 0, "seed must be >= 0")
-        need(self.image_size >= 56 and self.image_size % 28 == 0, "image_size must be a multiple of 28, >= 56")
+        need(
+            self.image_size >= 56 and self.image_size % 28 == 0, "image_size must be a multiple of 28, >= 56"
+        )
         need(1 <= self.grid <= 6, "grid must be in 1..6")
         need(1 <= self.max_operand <= 9, "max_operand must be in 1..9 (pair images draw single digits)")
         need(self.max_operand <= self.max_answer <= 99, "max_answer must be in max_operand..99")
         need(self.max_mult >= 2, "max_mult must be >= 2")
-        need(2 <= self.n_choices <= min(26, self.max_answer + 1), "n_choices must be in 2..min(26, max_answer+1)")
+        need(
+            2 <= self.n_choices <= min(26, self.max_answer + 1),
+            "n_choices must be in 2..min(26, max_answer+1)",
+        )
         for name in ("mm_share", "mc_share", "sft_hard_share", "rl_hard_share", "test_hard_share"):
             need(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
         need(self.sft_mm_hard_share <= 1.0, "sft_mm_hard_share must be <= 1 (< 0: sft_hard_share)")
-        need(self.test_frac > 0 and self.sft_test_frac > 0 and self.test_frac + self.sft_test_frac < 1,
-             "test_frac and sft_test_frac must be > 0 with a sum < 1")
-        need(all(getattr(self, f.name) >= 0 for f in dataclasses.fields(self) if f.name.startswith("n_")),
-             "split sizes must be >= 0")
+        need(
+            self.test_frac > 0 and self.sft_test_frac > 0 and self.test_frac + self.sft_test_frac < 1,
+            "test_frac and sft_test_frac must be > 0 with a sum < 1",
+        )
+        need(
+            all(getattr(self, f.name) >= 0 for f in dataclasses.fields(self) if f.name.startswith("n_")),
+            "split sizes must be >= 0",
+        )
 
 
 # split name -> (seed index, size field, multimodal share (None: mm_share), hard share field, bucket)
@@ -106,37 +121,81 @@ SPLITS = {
 }
 SFT_SPLITS = ("sft", "sft_test")
 
+_SKILL_META = {  # skill -> (scene kind or None for text, tier, parameter names)
+    "read": ("number", "easy", ()),
+    "read_side": ("pair", "easy", ("side",)),
+    "count": ("shapes", "easy", ("shape",)),
+    "add_k": ("number", "easy", ("k",)),
+    "add_pair": ("pair", "easy", ()),
+    "two_step": ("number", "hard", ("m", "k")),
+    "pair_two_step": ("pair", "hard", ("k",)),
+    "count_add": ("shapes", "hard", ("shape", "k")),
+    "compare": ("pair", "hard", ()),
+    "t_read_word": (None, "easy", ("a",)),
+    "t_add": (None, "easy", ("a", "b")),
+    "t_mul": (None, "easy", ("a", "b")),
+    "t_word_add": (None, "easy", ("a", "b")),
+    "t_two_step": (None, "hard", ("a", "b", "c")),
+    "t_word_two_step": (None, "hard", ("a", "b", "c")),
+    "t_compare": (None, "hard", ("a", "b")),
+}
+_SKILL_TEMPLATES = {  # skill -> problem templates
+    "read": (
+        "What number is shown in the image?",
+        "Which number is drawn in the picture?",
+        "Read the number in the image.",
+        "What is the number in the picture?",
+    ),
+    "read_side": ("What is the {side} number in the image?", "Which number is drawn on the {side}?"),
+    "count": ("How many {shape} are in the image?", "Count the {shape} in the picture."),
+    "add_k": ("What is the number shown plus {k}?", "Add {k} to the number in the image."),
+    "add_pair": ("Add the two numbers shown.", "What is the sum of the two numbers in the image?"),
+    "two_step": (
+        "Multiply the number shown by {m}, then add {k}.",
+        "What is the number in the image times {m} plus {k}?",
+    ),
+    "pair_two_step": (
+        "Multiply the two numbers shown, then add {k}.",
+        "What is the product of the two numbers in the image plus {k}?",
+    ),
+    "count_add": (
+        "Count the {shape} in the image, then add {k}.",
+        "What is the number of {shape} in the picture plus {k}?",
+    ),
+    "compare": (
+        "Which of the two numbers shown is larger?",
+        "Which number in the image is bigger?",
+        "Which is the larger of the two numbers in the picture?",
+        "Of the two numbers shown, which one is greater?",
+    ),
+    "t_read_word": (
+        "Write the number {wa} in digits.",
+        "What number is {wa}?",
+        "Which number is written as {wa}?",
+        "Give the number {wa} as digits.",
+        "Convert {wa} to a number.",
+    ),
+    "t_add": (
+        "What is {a} plus {b}?",
+        "Compute {a} + {b}.",
+        "Add {a} and {b}.",
+        "What is the sum of {a} and {b}?",
+        "What do you get when you add {a} to {b}?",
+    ),
+    "t_mul": ("What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}."),
+    "t_word_add": (
+        "What is {wa} plus {wb}?",
+        "Add {wa} and {wb}.",
+        "What is the sum of {wa} and {wb}?",
+        "Compute {wa} plus {wb}.",
+    ),
+    "t_two_step": ("What is {a} times {b} plus {c}?", "Multiply {a} by {b}, then add {c}."),
+    "t_word_two_step": ("What is {wa} times {wb} plus {wc}?", "Multiply {wa} by {wb}, then add {wc}."),
+    "t_compare": ("Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?"),
+}
 # skill -> (scene kind or None for text, tier, parameter names, problem templates)
 SKILLS: dict[str, tuple[str | None, str, tuple[str, ...], tuple[str, ...]]] = {
-    "read": ("number", "easy", (), ("What number is shown in the image?", "Which number is drawn in the picture?",
-                                    "Read the number in the image.", "What is the number in the picture?")),
-    "read_side": ("pair", "easy", ("side",), ("What is the {side} number in the image?",
-                                              "Which number is drawn on the {side}?")),
-    "count": ("shapes", "easy", ("shape",), ("How many {shape} are in the image?", "Count the {shape} in the picture.")),
-    "add_k": ("number", "easy", ("k",), ("What is the number shown plus {k}?", "Add {k} to the number in the image.")),
-    "add_pair": ("pair", "easy", (), ("Add the two numbers shown.", "What is the sum of the two numbers in the image?")),
-    "two_step": ("number", "hard", ("m", "k"), ("Multiply the number shown by {m}, then add {k}.",
-                                                "What is the number in the image times {m} plus {k}?")),
-    "pair_two_step": ("pair", "hard", ("k",), ("Multiply the two numbers shown, then add {k}.",
-                                               "What is the product of the two numbers in the image plus {k}?")),
-    "count_add": ("shapes", "hard", ("shape", "k"), ("Count the {shape} in the image, then add {k}.",
-                                                     "What is the number of {shape} in the picture plus {k}?")),
-    "compare": ("pair", "hard", (), ("Which of the two numbers shown is larger?", "Which number in the image is bigger?",
-                                     "Which is the larger of the two numbers in the picture?",
-                                     "Of the two numbers shown, which one is greater?")),
-    "t_read_word": (None, "easy", ("a",), ("Write the number {wa} in digits.", "What number is {wa}?",
-                                           "Which number is written as {wa}?", "Give the number {wa} as digits.",
-                                           "Convert {wa} to a number.")),
-    "t_add": (None, "easy", ("a", "b"), ("What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}.",
-                                         "What is the sum of {a} and {b}?", "What do you get when you add {a} to {b}?")),
-    "t_mul": (None, "easy", ("a", "b"), ("What is {a} times {b}?", "Multiply {a} by {b}.", "Compute {a} * {b}.")),
-    "t_word_add": (None, "easy", ("a", "b"), ("What is {wa} plus {wb}?", "Add {wa} and {wb}.",
-                                              "What is the sum of {wa} and {wb}?", "Compute {wa} plus {wb}.")),
-    "t_two_step": (None, "hard", ("a", "b", "c"), ("What is {a} times {b} plus {c}?",
-                                                   "Multiply {a} by {b}, then add {c}.")),
-    "t_word_two_step": (None, "hard", ("a", "b", "c"), ("What is {wa} times {wb} plus {wc}?",
-                                                        "Multiply {wa} by {wb}, then add {wc}.")),
-    "t_compare": (None, "hard", ("a", "b"), ("Which is larger, {a} or {b}?", "Which number is bigger: {a} or {b}?")),
+    k: (*meta, _SKILL_TEMPLATES[k]) for k, meta in _SKILL_META.items()
 }
 MC_SUFFIX = " Choose the correct option."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -144,8 +203,10 @@ SHAPES = ("", "circle", "square", "triangle")  # cell codes 1..3; 0 is an empty 
 SHAPE_COLORS = ("", (220, 40, 40), (40, 80, 220), (30, 150, 60))
 INK, PAPER, RULE = (20, 20, 20), (255, 255, 255), (170, 170, 170)
 SEGMENTS = ("abcdef", "bc", "abdeg", "abcdg", "bcfg", "acdfg", "acdefg", "abc", "abcdefg", "abcdfg")
-_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-         "sixteen seventeen eighteen nineteen").split()
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen"
+).split()
 _TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
 
 
@@ -195,13 +256,21 @@ class Item:
 
 # ---------------------------------------------------------------------------------------------- semantics
 _SOLVE = {  # skill -> answer from (params, scene values)
-    "read": lambda p, v: v[0], "read_side": lambda p, v: v[p[0]], "count": lambda p, v: v.count(p[0]),
-    "count_add": lambda p, v: v.count(p[0]) + p[1], "add_k": lambda p, v: v[0] + p[0],
-    "add_pair": lambda p, v: v[0] + v[1], "two_step": lambda p, v: v[0] * p[0] + p[1],
-    "pair_two_step": lambda p, v: v[0] * v[1] + p[0], "compare": lambda p, v: max(v),
-    "t_read_word": lambda p, v: p[0], "t_add": lambda p, v: p[0] + p[1], "t_word_add": lambda p, v: p[0] + p[1],
+    "read": lambda p, v: v[0],
+    "read_side": lambda p, v: v[p[0]],
+    "count": lambda p, v: v.count(p[0]),
+    "count_add": lambda p, v: v.count(p[0]) + p[1],
+    "add_k": lambda p, v: v[0] + p[0],
+    "add_pair": lambda p, v: v[0] + v[1],
+    "two_step": lambda p, v: v[0] * p[0] + p[1],
+    "pair_two_step": lambda p, v: v[0] * v[1] + p[0],
+    "compare": lambda p, v: max(v),
+    "t_read_word": lambda p, v: p[0],
+    "t_add": lambda p, v: p[0] + p[1],
+    "t_word_add": lambda p, v: p[0] + p[1],
     "t_mul": lambda p, v: p[0] * p[1],
-    "t_two_step": lambda p, v: p[0] * p[1] + p[2], "t_word_two_step": lambda p, v: p[0] * p[1] + p[2],
+    "t_two_step": lambda p, v: p[0] * p[1] + p[2],
+    "t_word_two_step": lambda p, v: p[0] * p[1] + p[2],
     "t_compare": lambda p, v: max(p),
 }
 
@@ -258,12 +327,17 @@ def solution_text(q: Question, scene: Scene | None) -> str:
     elif s == "t_mul":
         body = f"{p[0]} * {p[1]} = {x}."
     elif s in ("t_add", "t_word_add"):
-        words = f"{number_word(p[0])} is {p[0]} and {number_word(p[1])} is {p[1]}. " if s == "t_word_add" else ""
+        words = (
+            f"{number_word(p[0])} is {p[0]} and {number_word(p[1])} is {p[1]}. " if s == "t_word_add" else ""
+        )
         body = f"{words}{p[0]} + {p[1]} = {x}."
     elif s in ("t_two_step", "t_word_two_step"):
         a, b, c = p
-        words = (f"{number_word(a)} is {a}, {number_word(b)} is {b} and {number_word(c)} is {c}. "
-                 if s == "t_word_two_step" else "")
+        words = (
+            f"{number_word(a)} is {a}, {number_word(b)} is {b} and {number_word(c)} is {c}. "
+            if s == "t_word_two_step"
+            else ""
+        )
         body = f"{words}{a} * {b} = {a * b}. {a * b} + {c} = {x}."
     elif s == "t_compare":
         body = f"{x} is larger than {min(p)}."
@@ -285,9 +359,15 @@ def problem_key(q: Question, scene: Scene | None) -> str:
 # ---------------------------------------------------------------------------------------------- rendering
 def _digit(d: ImageDraw.ImageDraw, digit: int, x: int, y: int, w: int, h: int, t: int) -> None:
     hm, ht = y + h // 2, t // 2
-    boxes = {"a": (x, y, x + w, y + t), "b": (x + w - t, y, x + w, hm + ht), "c": (x + w - t, hm - ht, x + w, y + h),
-             "d": (x, y + h - t, x + w, y + h), "e": (x, hm - ht, x + t, y + h), "f": (x, y, x + t, hm + ht),
-             "g": (x, hm - ht, x + w, hm - ht + t)}
+    boxes = {
+        "a": (x, y, x + w, y + t),
+        "b": (x + w - t, y, x + w, hm + ht),
+        "c": (x + w - t, hm - ht, x + w, y + h),
+        "d": (x, y + h - t, x + w, y + h),
+        "e": (x, hm - ht, x + t, y + h),
+        "f": (x, y, x + t, hm + ht),
+        "g": (x, hm - ht, x + w, hm - ht + t),
+    }
     for seg in SEGMENTS[digit]:
         x0, y0, x1, y1 = boxes[seg]
         d.rectangle((x0, y0, x1 - 1, y1 - 1), fill=INK)
@@ -346,21 +426,22 @@ def random_scene(kind: str, rng: np.random.Generator, cfg: SynthConfig) -> Scene
 def enumerate_space(skill: str, cfg: SynthConfig) -> list[Item]:
     """Every problem of a skill without a shapes image (those are sampled, see `sample_shapes_item`)."""
     A, M = cfg.max_answer, cfg.max_mult
-    nums, digs = range(A + 1), range(cfg.max_operand + 1)
+    nums, digs, mults = range(A + 1), range(cfg.max_operand + 1), range(2, M + 1)
     pairs = [(a, b) for a in digs for b in digs]
     base: list[tuple[tuple[int, ...], Scene | None]] = {
         "read": [((), Scene("number", (n,))) for n in nums],
         "read_side": [((s,), Scene("pair", ab)) for s in (0, 1) for ab in pairs],
         "add_k": [((k,), Scene("number", (n,))) for n in nums for k in range(1, len(digs)) if n + k <= A],
         "add_pair": [((), Scene("pair", ab)) for ab in pairs if sum(ab) <= A],
-        "two_step": [((m, k), Scene("number", (n,))) for n in digs for m in range(2, M + 1) for k in digs
-                     if n * m + k <= A],
+        "two_step": [
+            ((m, k), Scene("number", (n,))) for n in digs for m in mults for k in digs if n * m + k <= A
+        ],
         "pair_two_step": [((k,), Scene("pair", (a, b))) for a, b in pairs for k in digs if a * b + k <= A],
         "compare": [((), Scene("pair", (a, b))) for a, b in pairs if a != b],
         "t_read_word": [((n,), None) for n in nums],
         "t_add": [((a, b), None) for a in nums for b in nums if a + b <= A],
         "t_mul": [(ab, None) for ab in pairs if ab[0] * ab[1] <= A],
-        "t_two_step": [((a, b, c), None) for a in digs for b in range(2, M + 1) for c in digs if a * b + c <= A],
+        "t_two_step": [((a, b, c), None) for a in digs for b in mults for c in digs if a * b + c <= A],
         "t_compare": [((a, b), None) for a in nums for b in nums if a != b],
     }[{"t_word_add": "t_add", "t_word_two_step": "t_two_step"}.get(skill, skill)]
     return [Item(Question(skill, t, p), sc) for t in range(len(SKILLS[skill][3])) for p, sc in base]
@@ -395,7 +476,9 @@ def _bucket(key: str, cfg: SynthConfig) -> str:
     return "test" if u < cfg.test_frac else "sft_test" if u < cfg.test_frac + cfg.sft_test_frac else "train"
 
 
-def _make_choices(x: int, pos: int, item: Item, rng: np.random.Generator, cfg: SynthConfig) -> tuple[int, ...]:
+def _make_choices(
+    x: int, pos: int, item: Item, rng: np.random.Generator, cfg: SynthConfig
+) -> tuple[int, ...]:
     """n_choices distinct values: the other shown number for comparisons, then values from a random window
     around x (so x's rank among the options carries no signal), the correct one at `pos`."""
     q, A, k = item.question, cfg.max_answer, cfg.n_choices - 1
@@ -426,7 +509,9 @@ def build_splits(cfg: SynthConfig) -> dict[str, list[Item]]:
             for it in enumerate_space(skill, cfg):
                 for mc in (False, True):
                     it2 = Item(dataclasses.replace(it.question, mc=mc), it.scene)
-                    pools[(_bucket(problem_key(it2.question, it2.scene), cfg), skill, mc)][it2.value].append(it2)
+                    pools[(_bucket(problem_key(it2.question, it2.scene), cfg), skill, mc)][it2.value].append(
+                        it2
+                    )
     return {name: _build_split(name, cfg, pools) for name in SPLITS}
 
 
@@ -453,7 +538,11 @@ class _Draws:
             if shapes:
                 values = [v for v in shapes_values(skill, self.cfg) if (skill, mc, v) not in self.closed]
             else:
-                values = [v for v, lst in by_value.items() if len(lst) > (0 if repeat else self.cursor[(skill, mc, v)])]
+                values = [
+                    v
+                    for v, lst in by_value.items()
+                    if len(lst) > (0 if repeat else self.cursor[(skill, mc, v)])
+                ]
             if not values:
                 return None
             values = [values[j] for j in self.rng.permutation(len(values))]
@@ -473,7 +562,9 @@ class _Draws:
                 item = lst[self.cursor[c] % len(lst)]
                 self.cursor[c] += 1
                 key = problem_key(item.question, item.scene)
-                if not repeat and key in self.seen:  # already drawn in its other form (open / multiple choice)
+                if (
+                    not repeat and key in self.seen
+                ):  # already drawn in its other form (open / multiple choice)
                     continue
                 self.seen.add(key)
             self.per_skill[skill][v] += 1
@@ -491,16 +582,24 @@ def _build_split(name: str, cfg: SynthConfig, pools: dict) -> list[Item]:
     for is_mm, count in ((True, n_mm), (False, n - n_mm)):
         n_hard = round(count * (mm_hard if is_mm else hard))
         for tier, k in (("hard", n_hard), ("easy", count - n_hard)):
-            slots += _spread([s for s, v in SKILLS.items() if (v[0] is not None) == is_mm and v[1] == tier], k, rng)
+            slots += _spread(
+                [s for s, v in SKILLS.items() if (v[0] is not None) == is_mm and v[1] == tier], k, rng
+            )
     slots = [slots[i] for i in rng.permutation(len(slots))]
     n_mc = round(n * cfg.mc_share)
     comp = [i for i, s in enumerate(slots) if s in ("compare", "t_compare")]
     other = [i for i, s in enumerate(slots) if s not in ("compare", "t_compare")]
-    comp, other = [comp[j] for j in rng.permutation(len(comp))], [other[j] for j in rng.permutation(len(other))]
+    comp, other = (
+        [comp[j] for j in rng.permutation(len(comp))],
+        [other[j] for j in rng.permutation(len(other))],
+    )
     mc_idx = set(comp[:n_mc]) | set(other[: max(0, n_mc - len(comp))])
     positions = iter(rng.permutation([j % cfg.n_choices for j in range(len(mc_idx))]).tolist())
-    local = {(skill, mc): {v: [lst[i] for i in rng.permutation(len(lst))] for v, lst in sorted(by_value.items())}
-             for (b, skill, mc), by_value in pools.items() if b == bucket}
+    local = {
+        (skill, mc): {v: [lst[i] for i in rng.permutation(len(lst))] for v, lst in sorted(by_value.items())}
+        for (b, skill, mc), by_value in pools.items()
+        if b == bucket
+    }
     draws = _Draws(cfg, rng, bucket, local)
     items: list[Item] = []
     for i, skill in enumerate(slots):
@@ -508,14 +607,18 @@ def _build_split(name: str, cfg: SynthConfig, pools: dict) -> list[Item]:
         # Test splits never repeat a problem while the bucket has fresh ones: when a skill's share is used up,
         # another skill of the same kind and tier stands in; only then do problems repeat (still held out).
         kind, tier = SKILLS[skill][0], SKILLS[skill][1]
-        alts = [s for s, v in SKILLS.items() if v[1] == tier and (v[0] is None) == (kind is None) and s != skill]
+        alts = [
+            s for s, v in SKILLS.items() if v[1] == tier and (v[0] is None) == (kind is None) and s != skill
+        ]
         order = [skill] + [alts[j] for j in rng.permutation(len(alts))]
-        for repeat in ((False, True) if bucket != "train" else (True,)):
+        for repeat in (False, True) if bucket != "train" else (True,):
             for sk in order if not repeat else [skill]:
                 if item is None:
                     item = draws.draw(sk, mc, repeat)
         if item is None:
-            raise ValueError(f"synth: split {name}: no problem of skill {skill} in its part of the problem space")
+            raise ValueError(
+                f"synth: split {name}: no problem of skill {skill} in its part of the problem space"
+            )
         if mc:
             choices = _make_choices(item.value, next(positions), item, rng, cfg)
             item = Item(dataclasses.replace(item.question, choices=choices), item.scene)
@@ -588,7 +691,9 @@ def tokenizer_corpus(n: int = 2000, seed: int = 0) -> list[str]:
 class SynthCommand(SynthConfig):
     """python data.py synth --out_dir DIR [--key=value ...]: write the built-in synthetic task (CONTRACT)."""
 
-    out_dir: str = field(default="", metadata={"help": "folder for the six JSONL splits and images/ (required)"})
+    out_dir: str = field(
+        default="", metadata={"help": "folder for the six JSONL splits and images/ (required)"}
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,7 +72,9 @@ class _Verifier:
             line = repr(e).encode()
         if line != b"ready":
             self.kill()
-            raise GraderUnavailable(f"math-verify child did not start ({line[:200]!r}); is math-verify installed?")
+            raise GraderUnavailable(
+                f"math-verify child did not start ({line[:200]!r}); is math-verify installed?"
+            )
         self.ready = True
 
     def compare(self, gold: str, pred: str, timeout: float) -> bool:

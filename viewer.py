@@ -42,9 +42,14 @@ from dataclasses import dataclass
 import common as C
 from report import read_jsonl
 
-CURVES = [("reward", "reward"), ("acc", "train accuracy"), ("zero_adv_frac", "zero-advantage fraction"),
-          ("pad_kept", "PAD kept (sequences)"), ("resp_len", "response length (tokens)"),
-          ("val_acc", "held-out accuracy (per evaluation)")]
+CURVES = [
+    ("reward", "reward"),
+    ("acc", "train accuracy"),
+    ("zero_adv_frac", "zero-advantage fraction"),
+    ("pad_kept", "PAD kept (sequences)"),
+    ("resp_len", "response length (tokens)"),
+    ("val_acc", "held-out accuracy (per evaluation)"),
+]
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _STEP = re.compile(r'\{"step": (\d+),')
 
@@ -98,7 +103,7 @@ def cut(text: str, max_chars: int) -> str:
         return text
     head = max_chars * 2 // 3
     tail = max_chars - head
-    return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[len(text) - tail:]}"
+    return f"{text[:head]}\n[... {len(text) - head - tail} characters cut ...]\n{text[len(text) - tail :]}"
 
 
 def stream_steps(path: str, wanted: set[int], max_chars: int) -> Iterator[tuple[int, list[dict]]]:
@@ -163,7 +168,8 @@ def thumbnail_uri(path: str, px: int, cache: dict[str, str]) -> str:
         im = im.convert("RGB")
         im.thumbnail((px, px))
         encoded = []
-        for fmt, mime, kw in (("PNG", "image/png", {"optimize": True}), ("JPEG", "image/jpeg", {"quality": 80})):
+        encodings = (("PNG", "image/png", {"optimize": True}), ("JPEG", "image/jpeg", {"quality": 80}))
+        for fmt, mime, kw in encodings:
             buf = io.BytesIO()
             im.save(buf, fmt, **kw)
             encoded.append((len(buf.getvalue()), mime, buf.getvalue()))
@@ -184,54 +190,84 @@ def render_card(r: dict) -> str:
     kept = r.get("kept", False)
     badge = f"kept x{r.get('times_drawn', 0)}" if kept else "dropped"
     tone = "pos" if r["advantage"] > 1e-6 else ("neg" if r["advantage"] < -1e-6 else "zero")
-    nums = [("reward", fmt(r["reward"])), ("acc", fmt(r["acc"])), ("format", fmt(r["format"])),
-            ("len_reward", fmt(r["len_reward"])), ("advantage", f"<span class='{tone}'>{fmt(r['advantage'], signed=True)}</span>"),
-            ("times_drawn", fmt(r.get("times_drawn", 0))), ("tokens", fmt(r.get("num_tokens"))),
-            ("truncated", fmt(r.get("truncated")))]
+    nums = [
+        ("reward", fmt(r["reward"])),
+        ("acc", fmt(r["acc"])),
+        ("format", fmt(r["format"])),
+        ("len_reward", fmt(r["len_reward"])),
+        ("advantage", f"<span class='{tone}'>{fmt(r['advantage'], signed=True)}</span>"),
+        ("times_drawn", fmt(r.get("times_drawn", 0))),
+        ("tokens", fmt(r.get("num_tokens"))),
+        ("truncated", fmt(r.get("truncated"))),
+    ]
     table = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in nums)
     cls = "card kept" if kept else "card dropped"
     note = f'<div class="note">{r["chars"]} characters, cut for the page</div>' if r.get("cut") else ""
-    return (f'<div class="{cls}" data-reward="{fmt(r["reward"])}" data-advantage="{fmt(r["advantage"], True)}">'
-            f'<div class="badge">{badge}</div><table>{table}</table><pre>{esc(r["completion"])}</pre>{note}</div>')
+    return (
+        f'<div class="{cls}" data-reward="{fmt(r["reward"])}" data-advantage="{fmt(r["advantage"], True)}">'
+        f'<div class="badge">{badge}</div><table>{table}</table><pre>{esc(r["completion"])}</pre>{note}</div>'
+    )
 
 
 def render_group(g: list[dict], record, cfg: ViewerConfig, cache: dict[str, str]) -> str:
     rewards = [r["reward"] for r in g]
-    spread = (f"reward min {min(rewards):.3f} / mean {statistics.fmean(rewards):.3f} / max {max(rewards):.3f} / "
-              f"std {statistics.stdev(rewards) if len(rewards) > 1 else 0.0:.3f}; correct {sum(r['acc'] > 0 for r in g)}"
-              f" of {len(g)}; kept {sum(bool(r.get('kept')) for r in g)}")
-    flat = " <span class='flat'>no signal: every reward equal</span>" if max(rewards) - min(rewards) < 1e-9 else ""
+    spread = (
+        f"reward min {min(rewards):.3f} / mean {statistics.fmean(rewards):.3f} / max {max(rewards):.3f} / "
+        f"std {statistics.stdev(rewards) if len(rewards) > 1 else 0.0:.3f}; correct {sum(r['acc'] > 0 for r in g)}"
+        f" of {len(g)}; kept {sum(bool(r.get('kept')) for r in g)}"
+    )
+    same = max(rewards) - min(rewards) < 1e-9
+    flat = " <span class='flat'>no signal: every reward equal</span>" if same else ""
     if record is None:
         prompt = f"<p class='missing'>prompt {esc(g[0]['prompt_id'])} not in the data file</p>"
     else:
         imgs = []
         for i, p in enumerate(record.images):
             try:
-                imgs.append(f'<img src="{thumbnail_uri(p, cfg.thumb, cache)}" alt="image {i + 1} of {esc(record.id)}" '
-                            f'title="{esc(os.path.basename(p))}">')
+                imgs.append(
+                    f'<img src="{thumbnail_uri(p, cfg.thumb, cache)}" alt="image {i + 1} of {esc(record.id)}" '
+                    f'title="{esc(os.path.basename(p))}">'
+                )
             except OSError:
                 imgs.append(f"<span class='missing'>image not found: {esc(p)}</span>")
-        prompt = (f"<div class='imgs'>{''.join(imgs)}</div><div class='problem'><pre>{esc(cut(record.problem, 2 * cfg.max_chars))}</pre>"
-                  f"<p>gold answer: <b>{esc(record.answer)}</b>"
-                  + (f"; choices: {esc(' | '.join(record.choices))}" if record.choices else "") + "</p></div>")
-    return (f"<div class='group' data-prompt='{esc(g[0]['prompt_id'])}'><h3>{esc(g[0]['prompt_id'])}</h3>"
-            f"<div class='prompt'>{prompt}</div><p class='spread'>{spread}{flat}</p>"
-            f"<div class='comps'>{''.join(render_card(r) for r in g)}</div></div>")
+        prompt = (
+            f"<div class='imgs'>{''.join(imgs)}</div><div class='problem'><pre>{esc(cut(record.problem, 2 * cfg.max_chars))}</pre>"
+            f"<p>gold answer: <b>{esc(record.answer)}</b>"
+            + (f"; choices: {esc(' | '.join(record.choices))}" if record.choices else "")
+            + "</p></div>"
+        )
+    return (
+        f"<div class='group' data-prompt='{esc(g[0]['prompt_id'])}'><h3>{esc(g[0]['prompt_id'])}</h3>"
+        f"<div class='prompt'>{prompt}</div><p class='spread'>{spread}{flat}</p>"
+        f"<div class='comps'>{''.join(render_card(r) for r in g)}</div></div>"
+    )
 
 
-def render_step(step: int, rows: list[dict], metrics: dict, records: dict, cfg: ViewerConfig, group_size: int,
-                cache: dict[str, str]) -> str:
+def render_step(
+    step: int,
+    rows: list[dict],
+    metrics: dict,
+    records: dict,
+    cfg: ViewerConfig,
+    group_size: int,
+    cache: dict[str, str],
+) -> str:
     groups = split_groups(rows, group_size)
     shown = evenly(groups, cfg.groups)
     m = metrics.get(step, {})
-    head = ", ".join(f"{k} {fmt(m[k])}" for k in ("reward", "acc", "zero_adv_frac", "pad_kept", "resp_len", "val_acc") if k in m)
-    return (f"<section class='step' id='step-{step}' data-step='{step}'><h2>step {step}</h2><p>{len(rows)} rollouts "
-            f"in {len(groups)} groups; showing {len(shown)} groups{' (evenly spaced)' if len(shown) < len(groups) else ''}."
-            f" Step means: {head}</p>{''.join(render_group(g, records.get(g[0]['prompt_id']), cfg, cache) for g in shown)}"
-            "</section>")
+    keys = ("reward", "acc", "zero_adv_frac", "pad_kept", "resp_len", "val_acc")
+    head = ", ".join(f"{k} {fmt(m[k])}" for k in keys if k in m)
+    return (
+        f"<section class='step' id='step-{step}' data-step='{step}'><h2>step {step}</h2><p>{len(rows)} rollouts "
+        f"in {len(groups)} groups; showing {len(shown)} groups{' (evenly spaced)' if len(shown) < len(groups) else ''}."
+        f" Step means: {head}</p>{''.join(render_group(g, records.get(g[0]['prompt_id']), cfg, cache) for g in shown)}"
+        "</section>"
+    )
 
 
-def svg_curve(title: str, pts: list[tuple[float, float]], marks: list[int], w: int = 330, h: int = 170) -> str:
+def svg_curve(
+    title: str, pts: list[tuple[float, float]], marks: list[int], w: int = 330, h: int = 170
+) -> str:
     """One panel: the curve (at most 1,000 points), y range labelled, grey ticks at the embedded steps."""
     pts = [(x, y) for x, y in pts if isinstance(y, (int, float)) and math.isfinite(y)]
     if not pts:
@@ -249,16 +285,22 @@ def svg_curve(title: str, pts: list[tuple[float, float]], marks: list[int], w: i
     def sy(y: float) -> float:
         return T + (h - T - B) * (1 - (y - y0) / (y1 - y0))
 
-    ticks = "".join(f"<line x1='{sx(s):.1f}' x2='{sx(s):.1f}' y1='{T}' y2='{h - B}' class='mark'/>" for s in marks if x0 <= s <= x1)
+    inside = [s for s in marks if x0 <= s <= x1]
+    ticks = "".join(
+        f"<line x1='{sx(s):.1f}' x2='{sx(s):.1f}' y1='{T}' y2='{h - B}' class='mark'/>" for s in inside
+    )
     line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-    dots = "".join(f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='2.5'/>" for x, y in pts) if len(pts) <= 60 else ""
-    return (f"<figure class='curve'><figcaption>{esc(title)}</figcaption><svg width='{w}' height='{h}' role='img'>"
-            f"<rect x='{L}' y='{T}' width='{w - L - R}' height='{h - T - B}' class='frame'/>{ticks}"
-            f"<polyline points='{line}' class='line'/>{dots}"
-            f"<text x='{L - 4}' y='{T + 8}' text-anchor='end'>{y1:.3g}</text>"
-            f"<text x='{L - 4}' y='{h - B}' text-anchor='end'>{y0:.3g}</text>"
-            f"<text x='{L}' y='{h - 6}'>{x0:g}</text><text x='{w - R}' y='{h - 6}' text-anchor='end'>step {x1:g}</text>"
-            "</svg></figure>")
+    few = pts if len(pts) <= 60 else []  # dots only on a short curve
+    dots = "".join(f"<circle cx='{sx(x):.1f}' cy='{sy(y):.1f}' r='2.5'/>" for x, y in few)
+    return (
+        f"<figure class='curve'><figcaption>{esc(title)}</figcaption><svg width='{w}' height='{h}' role='img'>"
+        f"<rect x='{L}' y='{T}' width='{w - L - R}' height='{h - T - B}' class='frame'/>{ticks}"
+        f"<polyline points='{line}' class='line'/>{dots}"
+        f"<text x='{L - 4}' y='{T + 8}' text-anchor='end'>{y1:.3g}</text>"
+        f"<text x='{L - 4}' y='{h - B}' text-anchor='end'>{y0:.3g}</text>"
+        f"<text x='{L}' y='{h - 6}'>{x0:g}</text><text x='{w - R}' y='{h - 6}' text-anchor='end'>step {x1:g}</text>"
+        "</svg></figure>"
+    )
 
 
 STYLE = """body{font:14px system-ui,sans-serif;margin:16px;color:#222}pre{white-space:pre-wrap;word-break:break-word;
@@ -287,7 +329,9 @@ def build(cfg: ViewerConfig) -> str:
     """Write the page; returns its path."""
     rollouts = os.path.join(cfg.run_dir, "rollouts.jsonl")
     if not os.path.exists(rollouts):
-        raise FileNotFoundError(f"{rollouts}: no rollouts.jsonl (is {cfg.run_dir} a grpo_mm / grpo_text out_dir?)")
+        raise FileNotFoundError(
+            f"{rollouts}: no rollouts.jsonl (is {cfg.run_dir} a grpo_mm / grpo_text out_dir?)"
+        )
     run = run_config(cfg.run_dir)
     metrics = {r["step"]: r for r in read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))}
     all_steps = sorted(metrics) or sorted({s for s, _ in stream_steps(rollouts, _AnyStep(), 0)})
@@ -310,19 +354,25 @@ def build(cfg: ViewerConfig) -> str:
         shown.append(step)
         sections.append(render_step(step, rows, metrics, records, cfg, group_size, cache))
     mrows = list(metrics.values())
-    curves = "".join(svg_curve(title, [(r["step"], r.get(key)) for r in mrows], shown) for key, title in CURVES)
+    curves = "".join(
+        svg_curve(title, [(r["step"], r.get(key)) for r in mrows], shown) for key, title in CURVES
+    )
     options = "".join(f"<option>step {s}</option>" for s in shown)
     title = f"rollouts: {run.get('stage', 'GRPO')} run {os.path.abspath(cfg.run_dir)}"
-    sampling = (f"Showing {len(shown)} of {len(all_steps)} steps (at most {cfg.steps}: evenly spaced, first and last "
-                f"included), at most {cfg.groups} groups per step (evenly spaced over the step's groups), completions "
-                f"cut to {cfg.max_chars} characters (head and tail). Images: embedded base64 thumbnails, at most "
-                f"{cfg.thumb} px a side. {esc(data_note)}. Cards: solid green border = kept by PAD for the update "
-                "(x times drawn), dashed = dropped.")
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1><p>{sampling}</p>"
-            f"<h2>Curves</h2><div class='curves'>{curves}</div><div class='nav'><button id='prev'>&larr; prev</button> "
-            f"<select id='pick'>{options}</select> <button id='next'>next &rarr;</button> (or the arrow keys; the page URL #step-N opens step N)</div>"
-            f"{''.join(sections)}<script>{SCRIPT}</script></body></html>")
+    sampling = (
+        f"Showing {len(shown)} of {len(all_steps)} steps (at most {cfg.steps}: evenly spaced, first and last "
+        f"included), at most {cfg.groups} groups per step (evenly spaced over the step's groups), completions "
+        f"cut to {cfg.max_chars} characters (head and tail). Images: embedded base64 thumbnails, at most "
+        f"{cfg.thumb} px a side. {esc(data_note)}. Cards: solid green border = kept by PAD for the update "
+        "(x times drawn), dashed = dropped."
+    )
+    page = (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{esc(title)}</h1><p>{sampling}</p>"
+        f"<h2>Curves</h2><div class='curves'>{curves}</div><div class='nav'><button id='prev'>&larr; prev</button> "
+        f"<select id='pick'>{options}</select> <button id='next'>next &rarr;</button> (or the arrow keys; the page URL #step-N opens step N)</div>"
+        f"{''.join(sections)}<script>{SCRIPT}</script></body></html>"
+    )
     out = cfg.out or os.path.join(cfg.run_dir, "rollouts.html")
     with open(out, "w", encoding="utf-8") as f:
         f.write(page)
