@@ -61,15 +61,15 @@ class AblateConfig:
     stage: str = "grpo_mm"  # sft | grpo_mm | grpo_text
     model: str = ""  # the starting checkpoint of every run (the stage's --model); required
     vary: str = ""  # FIELD=V1,V2,...: one field of the stage's config and its values; required
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # one run per value and seed
     set: str = ""  # fixed stage overrides KEY=VALUE,KEY=VALUE (a piece without '=' continues the last value)
     bench: str = ""  # held-out splits, eval.py's --bench LABEL=PATH[,...]; required
     blank: str = ""  # labels of --bench evaluated again with every image blanked (column LABEL_blank)
     metric: str = ""  # the label of the plot and the verdict; "" = the first label of --bench
     eval_start: bool = True  # evaluate the starting checkpoint once (the `start` row and the gains)
-    eval_max_new_tokens: int = 64
-    eval_batch_size: int = 64
-    out_dir: str = "out/ablate"
+    eval_max_new_tokens: int = 64  # eval.py --max_new_tokens for every eval
+    eval_batch_size: int = 64  # eval.py --batch_size for every eval
+    out_dir: str = "out/ablate"  # one folder per run; ablation.md, ablation.json, ablation.png
     nproc: int = 1  # > 1: every run (and its eval) under torchrun --standalone --nproc_per_node nproc
     devices: str = ""  # GPU ids (0,1,2,3): one run per nproc of them at a time, via CUDA_VISIBLE_DEVICES
     parallel: int = 1  # runs at once when no devices are given (CPU)

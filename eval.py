@@ -79,13 +79,13 @@ from scoring import complete_meta, grade_row, summarize
 class EvalConfig:
     """python eval.py --model DIR|tiny --bench LABEL=PATH[,...] --out_dir DIR (see eval.py's docstring)."""
 
-    model: str = "tiny"
+    model: str = "tiny"  # HF checkpoint directory (a stage's final/), or tiny / tiny-qwen
     bench: str = ""  # LABEL=PATH[,LABEL=PATH...]; LABEL a benchmark name or any label for project JSONL
-    out_dir: str = "out/eval"
+    out_dir: str = "out/eval"  # predictions.jsonl, results.json, results.md
     samples: int | None = None  # K per item; None = benchmark default (8 for aime24/aime25, else 1)
     temperature: float = -1.0  # < 0: the benchmark's default (1.0 when K > 1, else 0 = greedy)
     top_p: float = -1.0  # < 0: 0.95 when sampling, else 1
-    max_new_tokens: int = 4096
+    max_new_tokens: int = 4096  # generation budget per answer, in tokens
     batch_size: int = 16  # prompts per generate call (per rank)
     slots: int = 0  # engine decode slots per call (KV memory); 0: batch_size; fewer: continuous batching
     prompt: str = ""  # "" = the prompt recorded in the model's revisual.json (else the paper's Fig. 5 prompt)

@@ -113,8 +113,8 @@ class GRPOConfig:
     pad_tau_end: float = 0.3  # Table 5
     # reward
     w_acc: float = 0.8  # reward = w_acc acc + w_fmt format + w_len R_len
-    w_fmt: float = 0.1
-    w_len: float = 0.1
+    w_fmt: float = 0.1  # weight of the format reward (<think>...</think> then a \boxed answer)
+    w_len: float = 0.1  # weight of the efficient-length reward R_len (Eq. 5-6)
     len_budget: int = 48  # tiny models; 4096 in the 7B configs
     len_alpha: float = 0.005  # Eq. 5
     len_delta: float = 0.5  # Eq. 5

@@ -89,22 +89,22 @@ class SFTConfig:
     model: str = "tiny"  # 7B: Qwen2.5-VL-7B-Instruct directory
     data: str = ""  # JSONL with `solution` (several comma-separated); required
     eval_data: str = ""  # held-out JSONL with `solution`, for eval_loss (optional)
-    out_dir: str = "out/sft"
+    out_dir: str = "out/sft"  # metrics.jsonl, ckpt/, final/ (the next stage's --model)
     max_steps: int = 0  # > 0: exactly this many optimizer steps (overrides epochs)
     epochs: float = 5.0  # paper: 5
     lr: float = 2e-5  # paper: 2e-5 (the tiny runs pass a larger one)
     warmup_ratio: float = 0.05  # paper: 0.05
     weight_decay: float = 0.0  # paper silent; HF Trainer default
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # paper silent; AdamW default
-    adam_eps: float = 1e-8
+    adam_eps: float = 1e-8  # paper silent; AdamW default
     global_batch: int = 16  # sequences per optimizer step over all ranks; 7B: 64 (8 GPUs x 1 x accum 8)
     micro_batch: int = 8  # sequences per forward per rank; 7B: 1
     micro_batch_tokens: int = 0  # > 0: padding-free micro-batches of up to this many tokens; 0: micro_batch
     max_len: int = 32768  # paper: 32768 (prompt + solution tokens)
     grad_clip: float = 1.0  # max grad norm (0 = off); paper silent, HF default
-    seed: int = 0
+    seed: int = 0  # the tiny model's init and the data order derive from it
     save_every: int = 100  # optimizer steps between checkpoints (0 = none)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept under out_dir/ckpt
     eval_every: int = 50  # optimizer steps between eval_loss measurements (0 = only at the end)
     resume: str = "auto"  # auto: newest checkpoint in out_dir if any; false: start over; or a checkpoint path
     distributed: str = "fsdp"  # fsdp | ddp: how several processes share the model (one process: neither)
