@@ -50,8 +50,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Nominal dense bf16 peak (FLOP/s) and HBM bandwidth (B/s) by device name (vendor datasheets).
-PEAKS = [("H200", 989e12, 4.8e12), ("H100 NVL", 835e12, 3.9e12), ("H100 PCIe", 756e12, 2.0e12),
-         ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12)]  # fmt: skip
+PEAKS = [
+    ("H200", 989e12, 4.8e12),
+    ("H100 NVL", 835e12, 3.9e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),
+    ("A100", 312e12, 2.0e12),
+]
 EOS, PAD, VISION_IDS = [151645, 151643], 151643, [151652, 151653, 151654, 151655, 151656]
 
 
@@ -144,10 +149,22 @@ def config_for(size: str):
     from transformers import Qwen2_5_VLConfig
 
     return Qwen2_5_VLConfig(
-        text_config=dict(M.TINY_TEXT, vocab_size=1024, rope_parameters=M.TINY_ROPE,
-                         bos_token_id=1000, eos_token_id=1001, pad_token_id=1000, tie_word_embeddings=False),
-        vision_config=M.TINY_VISION, image_token_id=1005, video_token_id=1006, vision_start_token_id=1002,
-        vision_end_token_id=1003, tie_word_embeddings=False)  # fmt: skip
+        text_config=dict(
+            M.TINY_TEXT,
+            vocab_size=1024,
+            rope_parameters=M.TINY_ROPE,
+            bos_token_id=1000,
+            eos_token_id=1001,
+            pad_token_id=1000,
+            tie_word_embeddings=False,
+        ),
+        vision_config=M.TINY_VISION,
+        image_token_id=1005,
+        video_token_id=1006,
+        vision_start_token_id=1002,
+        vision_end_token_id=1003,
+        tie_word_embeddings=False,
+    )
 
 
 def special_ids(size: str) -> tuple[list[int], int, list[int]]:
@@ -165,8 +182,9 @@ def build(size: str, device, dtype):
     cfg = config_for(size)
     t0 = time.perf_counter()
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary inv_freq) real
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation=M.attention_implementation(),
-                                                                dtype=dtype)  # fmt: skip
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            cfg, attn_implementation=M.attention_implementation(), dtype=dtype
+        )
     model.tie_weights()  # `_from_config` leaves the 3B's lm_head untied from its embeddings (4.07B, not 3.75B)
     meta_params = M.count_parameters(model)
     new: dict[int, torch.nn.Parameter] = {}
@@ -220,9 +238,9 @@ def _gen_config(size: str, new_tokens: int, static: bool = False, dry_run: bool 
     from transformers import GenerationConfig
 
     eos, pad, vision = special_ids(size)
-    gc = GenerationConfig(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, repetition_penalty=1.0,
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad,
-                          suppress_tokens=vision)  # fmt: skip
+    sampling = dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0, repetition_penalty=1.0)
+    lengths = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    gc = GenerationConfig(**sampling, **lengths, eos_token_id=eos, pad_token_id=pad, suppress_tokens=vision)
     if static:
         gc.cache_implementation = "static"
         gc.disable_compile = dry_run  # the CPU dry run checks the static-cache path, not inductor
@@ -266,8 +284,11 @@ def decode(a, rec: Recorder, compiled: bool = False) -> None:
         # Roofline: every decode step reads the decoder + lm_head weights and the whole KV cache once (the input
         # embedding table only through lm_head when the two are tied; otherwise just B rows of it).
         tied = bool(getattr(cfg, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
-        text_params = sum(p.numel() for n, p in model.named_parameters()
-                          if "visual" not in n and (tied or "embed_tokens" not in n))  # fmt: skip
+        text_params = sum(
+            p.numel()
+            for n, p in model.named_parameters()
+            if "visual" not in n and (tied or "embed_tokens" not in n)
+        )
         weight_bytes = text_params * torch.finfo(dtype).bits // 8
         head_dim = tc.hidden_size // tc.num_attention_heads
         ctx = prompt_len + steps / 2
@@ -294,10 +315,24 @@ def decode(a, rec: Recorder, compiled: bool = False) -> None:
                 times[k] = time.perf_counter() - t
                 assert out.shape[1] == prompt_len + k, out.shape
             step_s = (times[steps + 1] - times[1]) / steps
-            rec("decode", size=size, path=name, batch=batch, prompt_len=prompt_len, new_tokens=steps,
-                params=info["params"], build_s=info["build_s"], prefill_s=times[1], decode_step_s=step_s,
-                decode_tokens_per_s=batch / step_s, roofline_step_s=roof_s, roofline_fraction=roof_s / step_s,
-                weight_bytes=weight_bytes, kv_bytes_per_step=kv_bytes, bandwidth_bytes_per_s=bw)  # fmt: skip
+            rec(
+                "decode",
+                size=size,
+                path=name,
+                batch=batch,
+                prompt_len=prompt_len,
+                new_tokens=steps,
+                params=info["params"],
+                build_s=info["build_s"],
+                prefill_s=times[1],
+                decode_step_s=step_s,
+                decode_tokens_per_s=batch / step_s,
+                roofline_step_s=roof_s,
+                roofline_fraction=roof_s / step_s,
+                weight_bytes=weight_bytes,
+                kv_bytes_per_step=kv_bytes,
+                bandwidth_bytes_per_s=bw,
+            )
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -433,9 +468,21 @@ def train(a, rec: Recorder) -> None:
     )
     peak_flops = peaks(a)[0]
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    rec("train", size=size, seq_len=seq, params=info["params"], step_s=step_s, tokens_per_s=seq / step_s,
-        peak_memory_gib=peak_mem, model_flops=flops, mfu=flops / step_s / peak_flops, peak_flops=peak_flops,
-        precision="fp32 master + bf16 autocast", gradient_checkpointing=True, optimizer="AdamW fp32")  # fmt: skip
+    rec(
+        "train",
+        size=size,
+        seq_len=seq,
+        params=info["params"],
+        step_s=step_s,
+        tokens_per_s=seq / step_s,
+        peak_memory_gib=peak_mem,
+        model_flops=flops,
+        mfu=flops / step_s / peak_flops,
+        peak_flops=peak_flops,
+        precision="fp32 master + bf16 autocast",
+        gradient_checkpointing=True,
+        optimizer="AdamW fp32",
+    )
 
 
 def _predicted(parts: dict) -> float:

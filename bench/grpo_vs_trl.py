@@ -92,10 +92,11 @@ def ours_worker(a) -> None:
 
     torch.set_num_threads(a.threads)
     records, prompt, placement = load_prompts(a.data, a.prompts)
-    cfg = G.GRPOConfig(model=a.model, rollout_batch=a.prompts, group_size=a.group_size, rollout_micro_batch=a.prompts,
-                       max_new_tokens=a.max_new_tokens, mini_batch=a.prompts * a.group_size, micro_batch=a.prompts * a.group_size,
-                       ppo_epochs=1, kl_coef=0.0, pad_mode="off", temperature=a.temperature, top_p=a.top_p,
-                       lr=a.lr, entropy_warmup=10**9)  # fmt: skip
+    n_seq = a.prompts * a.group_size
+    sizes = dict(rollout_batch=a.prompts, group_size=a.group_size, rollout_micro_batch=a.prompts)
+    sizes.update(max_new_tokens=a.max_new_tokens, mini_batch=n_seq, micro_batch=n_seq)
+    method = dict(ppo_epochs=1, kl_coef=0.0, pad_mode="off", temperature=a.temperature, top_p=a.top_p)
+    cfg = G.GRPOConfig(model=a.model, **sizes, **method, lr=a.lr, entropy_warmup=10**9)
     cfg.min_new_tokens = a.max_new_tokens  # equal work: every completion exactly max_new_tokens long
     d = C.init_distributed("cpu")
     C.seed_everything(cfg.seed)
@@ -111,10 +112,13 @@ def ours_worker(a) -> None:
         step += 1
         t0 = time.perf_counter()
         recs = list(range(len(records)))
-        encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in recs}
+        encoded = {
+            r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in recs
+        }
         with SH.gathered_for_generation(core) as gen_model:
-            samples = G.rollout(gen_model, processor, [encoded[r] for r in recs], recs, cfg,
-                              seed=G.rollout_seed(cfg.seed, step, d.rank))  # fmt: skip
+            prompts = [encoded[r] for r in recs]
+            seed = G.rollout_seed(cfg.seed, step, d.rank)
+            samples = G.rollout(gen_model, processor, prompts, recs, cfg, seed=seed)
         t1 = time.perf_counter()
         for s in samples:
             s.reward = letter_share(s.text)
@@ -124,17 +128,35 @@ def ours_worker(a) -> None:
         drawn, _, _ = grpo.pad_select(adv, cfg.pad_mode, cfg.pad_t_low, cfg.pad_t_high, 1.0, cfg.pad_rho, gen)
         for s, adv_i, k in zip(samples, adv.tolist(), drawn.tolist()):
             s.advantage, s.times_drawn = adv_i, k
-        stats = G.update(core, None, samples, records, encoded, processor, prompt, placement, cfg, d, 0.0, gen,
-                         params, opt)  # fmt: skip
+        context = (records, encoded, processor, prompt, placement)
+        stats = G.update(core, None, samples, *context, cfg, d, 0.0, gen, params, opt)
         t2 = time.perf_counter()
-        emit({"seconds": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1, "updates": stats["updates"],
-              "generated": sum(len(s.completion) for s in samples),
-              "trained": sum(len(s.completion) * s.times_drawn for s in samples),
-              "sequences": len(samples), "reward_std": float(rewards.std(-1).mean())})  # fmt: skip
+        emit(
+            {
+                "seconds": t2 - t0,
+                "rollout_s": t1 - t0,
+                "update_s": t2 - t1,
+                "updates": stats["updates"],
+                "generated": sum(len(s.completion) for s in samples),
+                "trained": sum(len(s.completion) * s.times_drawn for s in samples),
+                "sequences": len(samples),
+                "reward_std": float(rewards.std(-1).mean()),
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # TRL's side: GRPOTrainer, one trainer step per command
+
+
+# TRL's settings that do not depend on the command line.
+TRL_LOSS = dict(beta=0.0, num_iterations=1, epsilon=0.2, epsilon_high=0.25, mask_truncated_completions=False)
+TRL_OPTIM = dict(lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0)
+TRL_RUN = dict(max_steps=10**6, gradient_accumulation_steps=1, use_cpu=True, bf16=False, seed=0)
+TRL_RUN.update(dataloader_num_workers=0, shuffle_dataset=False)
+TRL_QUIET = dict(
+    logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True, log_completions=False
+)
 
 
 def trl_worker(a) -> None:
@@ -151,7 +173,8 @@ def trl_worker(a) -> None:
     rows = []
     for r in records:
         msgs = D.build_messages(r, prompt, placement)
-        for m in msgs:  # plain strings: TRL puts the image placeholder before the user text, as build_messages does
+        # plain strings: TRL puts the image placeholder before the user text, as build_messages does
+        for m in msgs:
             if isinstance(m["content"], list):
                 m["content"] = next(c["text"] for c in m["content"] if c.get("type") == "text")
         rows.append({"prompt": msgs, "image": D.open_image(r.images[0], r.source)})
@@ -164,18 +187,15 @@ def trl_worker(a) -> None:
         return [letter_share(t) for t in texts]
 
     with tempfile.TemporaryDirectory() as out_dir:
-        args = trl.GRPOConfig(
-            output_dir=out_dir, per_device_train_batch_size=n_seq, gradient_accumulation_steps=1,
-            num_generations=a.group_size, max_completion_length=a.max_new_tokens,
-            generation_kwargs={"min_new_tokens": a.max_new_tokens}, temperature=a.temperature, top_p=a.top_p,
-            top_k=0, repetition_penalty=1.0, beta=0.0, num_iterations=1, epsilon=0.2, epsilon_high=0.25,
-            learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01, max_grad_norm=1.0,
-            max_steps=10**6, logging_steps=10**6, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-            dataloader_num_workers=0, shuffle_dataset=False, disable_tqdm=True, seed=0, log_completions=False,
-            mask_truncated_completions=False,
-        )  # fmt: skip
-        trainer = trl.GRPOTrainer(model=hf, reward_funcs=reward, args=args, train_dataset=dataset,
-                                  processing_class=processor)  # fmt: skip
+        batch = dict(per_device_train_batch_size=n_seq, num_generations=a.group_size)
+        lengths = dict(
+            max_completion_length=a.max_new_tokens, generation_kwargs={"min_new_tokens": a.max_new_tokens}
+        )
+        sampling = dict(temperature=a.temperature, top_p=a.top_p, top_k=0, repetition_penalty=1.0)
+        fixed = {**TRL_LOSS, **TRL_OPTIM, **TRL_RUN, **TRL_QUIET}
+        args = trl.GRPOConfig(output_dir=out_dir, learning_rate=a.lr, **batch, **lengths, **sampling, **fixed)
+        data = dict(train_dataset=dataset, processing_class=processor)
+        trainer = trl.GRPOTrainer(model=hf, reward_funcs=reward, args=args, **data)
         # The prompt ids TRL generates from (checked against ours by the parent).
         prepared = trl.data_utils.prepare_multimodal_messages(rows[0]["prompt"], images=[rows[0]["image"]])
         ids0, _, _ = trainer._tokenize_prompts([prepared])
@@ -188,8 +208,12 @@ def trl_worker(a) -> None:
             out = inner(inputs)
             rollout_time[0] += time.perf_counter() - t
             mask = out["completion_mask"]
-            counts.update(generated=int(mask.sum()), trained=int(mask.sum()), sequences=int(mask.shape[0]),
-                          width=int(out["completion_ids"].shape[1]))  # fmt: skip
+            counts.update(
+                generated=int(mask.sum()),
+                trained=int(mask.sum()),
+                sequences=int(mask.shape[0]),
+                width=int(out["completion_ids"].shape[1]),
+            )
             return out
 
         trainer._generate_and_score_completions = timed_generate
@@ -204,12 +228,26 @@ def trl_worker(a) -> None:
 
             def on_step_end(self, args, state, control, **kw):
                 dt = time.perf_counter() - self.t0
-                emit({"seconds": dt, "rollout_s": rollout_time[0], "update_s": dt - rollout_time[0], "updates": 1,
-                      **counts})  # fmt: skip
+                emit(
+                    {
+                        "seconds": dt,
+                        "rollout_s": rollout_time[0],
+                        "update_s": dt - rollout_time[0],
+                        "updates": 1,
+                        **counts,
+                    }
+                )
 
         trainer.add_callback(Sync())
-        emit({"ready": True, "side": "trl", "prompt_ids_0": ids0, "trl": trl.__version__,
-              "params": sum(p.numel() for p in hf.parameters())})  # fmt: skip
+        emit(
+            {
+                "ready": True,
+                "side": "trl",
+                "prompt_ids_0": ids0,
+                "trl": trl.__version__,
+                "params": sum(p.numel() for p in hf.parameters()),
+            }
+        )
         trainer.train()
 
 
@@ -237,8 +275,8 @@ def make_env(venv: str, install: list[str], constraints: str | None = None) -> s
 
     venv_module.create(venv, with_pip=bool(install), clear=True)
     py = os.path.join(venv, "bin", "python")
-    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    probe = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = subprocess.run([py, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     with open(os.path.join(purelib, "_running_env.pth"), "w") as f:
         f.writelines(f"import site; site.addsitedir({d!r})\n" for d in running_site_dirs())
     if install:
@@ -263,14 +301,19 @@ def trl_python() -> str:
 
     if os.path.exists(py) and ok():
         return py
-    print(f"creating the TRL environment in {venv} (trl {TRL_VERSION}, reusing torch {torch.__version__})", flush=True)
+    print(
+        f"creating the TRL environment in {venv} (trl {TRL_VERSION}, reusing torch {torch.__version__})",
+        flush=True,
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write(f"torch=={torch.__version__.split('+')[0]}\ntransformers=={transformers.__version__}\n")
     make_env(venv, [f"trl=={TRL_VERSION}"], constraints=f.name)
     os.unlink(f.name)
     if not ok():
         r = subprocess.run([py, "-c", probe], capture_output=True, text=True)
-        raise SystemExit(f"TRL environment {venv}: expected '{want}', got '{r.stdout.strip()}' {r.stderr[-500:]}")
+        raise SystemExit(
+            f"TRL environment {venv}: expected '{want}', got '{r.stdout.strip()}' {r.stderr[-500:]}"
+        )
     return py
 
 
@@ -279,11 +322,11 @@ class Worker:
         cmd = [python, os.path.abspath(__file__), "--worker", side, "--model", model, "--data", data]
         for k in ("prompts", "group_size", "max_new_tokens", "threads", "temperature", "top_p", "lr"):
             cmd += [f"--{k}", str(getattr(a, k))]
-        env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")  # fmt: skip
+        threads = dict(OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false")
+        env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **threads)
         self.side = side
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                                  cwd=ROOT)  # fmt: skip
+        pipes = dict(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        self.p = subprocess.Popen(cmd, **pipes, text=True, env=env, cwd=ROOT)
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -310,19 +353,26 @@ class Worker:
 
 
 def compare(model: str, a, data: str, trl_py: str, log) -> dict:
-    print(f"\n== {model}: {a.prompts} prompts x {a.group_size} samples, {a.max_new_tokens} new tokens each, "
-          f"{a.threads} thread(s), temperature {a.temperature}, top_p {a.top_p}",
-          flush=True)  # fmt: skip
+    print(
+        f"\n== {model}: {a.prompts} prompts x {a.group_size} samples, {a.max_new_tokens} new tokens each, "
+        f"{a.threads} thread(s), temperature {a.temperature}, top_p {a.top_p}",
+        flush=True,
+    )
     ours = Worker(sys.executable, "ours", a, model, data, log)
     trl = Worker(trl_py, "trl", a, model, data, log)
     try:
         same = ours.info["prompt_ids_0"] == trl.info["prompt_ids_0"]
-        print(f"parameters {ours.info['params']:,} (TRL side {trl.info['params']:,}); prompt 0 is "
-              f"{len(ours.info['prompt_ids_0'])} tokens, identical token ids on both sides: {same}", flush=True)
+        print(
+            f"parameters {ours.info['params']:,} (TRL side {trl.info['params']:,}); prompt 0 is "
+            f"{len(ours.info['prompt_ids_0'])} tokens, identical token ids on both sides: {same}",
+            flush=True,
+        )
         if not same:
             raise SystemExit("the two sides do not see the same prompt tokens")
         warm = {"ours": ours.step(), "trl": trl.step()}
-        print(f"warm-up: ours {warm['ours']['seconds']:.2f} s, trl {warm['trl']['seconds']:.2f} s", flush=True)
+        print(
+            f"warm-up: ours {warm['ours']['seconds']:.2f} s, trl {warm['trl']['seconds']:.2f} s", flush=True
+        )
         runs = {"ours": [], "trl": []}
         ratios = []
         for r in range(a.repeats):
@@ -331,25 +381,38 @@ def compare(model: str, a, data: str, trl_py: str, log) -> dict:
             for side in runs:
                 runs[side].append(res[side])
             ratios.append(res["ours"]["seconds"] / res["trl"]["seconds"])
-            print(f"pair {r + 1}: ours {res['ours']['seconds']:.2f} s (rollout {res['ours']['rollout_s']:.2f}), "
-                  f"trl {res['trl']['seconds']:.2f} s (rollout {res['trl']['rollout_s']:.2f}), "
-                  f"ratio {ratios[-1]:.3f}", flush=True)  # fmt: skip
+            print(
+                f"pair {r + 1}: ours {res['ours']['seconds']:.2f} s (rollout {res['ours']['rollout_s']:.2f}), "
+                f"trl {res['trl']['seconds']:.2f} s (rollout {res['trl']['rollout_s']:.2f}), "
+                f"ratio {ratios[-1]:.3f}",
+                flush=True,
+            )
     finally:
         ours.close()
         trl.close()
     summary = {"model": model, "ratio": statistics.median(ratios), "ratios": ratios}
     for side, rs in runs.items():
         med = {k: statistics.median(x[k] for x in rs) for k in ("seconds", "rollout_s", "update_s")}
-        summary[side] = {**med, "generated": rs[-1]["generated"], "trained": rs[-1]["trained"],
-                         "sequences": rs[-1]["sequences"], "updates": rs[-1]["updates"]}  # fmt: skip
+        summary[side] = {
+            **med,
+            "generated": rs[-1]["generated"],
+            "trained": rs[-1]["trained"],
+            "sequences": rs[-1]["sequences"],
+            "updates": rs[-1]["updates"],
+        }
         if "reward_std" in rs[-1]:
             summary[side]["reward_std_within_groups"] = statistics.mean(x["reward_std"] for x in rs)
-        print(f"{side:>4}: median step {med['seconds']:.2f} s = rollout {med['rollout_s']:.2f} + update "
-              f"{med['update_s']:.2f}; per step {rs[-1]['sequences']} sequences, {rs[-1]['generated']} tokens "
-              f"generated, {rs[-1]['trained']} trained, {rs[-1]['updates']} update(s)")  # fmt: skip
-    print(f"mean within-group reward std (ours): {summary['ours'].get('reward_std_within_groups', float('nan')):.4f}")
-    print(f"{model}: median ratio ours/trl {summary['ratio']:.3f} (pairs: {', '.join(f'{x:.3f}' for x in ratios)})")
-    if summary["ours"]["generated"] != summary["trl"]["generated"] or summary["ours"]["trained"] != summary["trl"]["trained"]:
+        print(
+            f"{side:>4}: median step {med['seconds']:.2f} s = rollout {med['rollout_s']:.2f} + update "
+            f"{med['update_s']:.2f}; per step {rs[-1]['sequences']} sequences, {rs[-1]['generated']} tokens "
+            f"generated, {rs[-1]['trained']} trained, {rs[-1]['updates']} update(s)"
+        )
+    std = summary["ours"].get("reward_std_within_groups", float("nan"))
+    print(f"mean within-group reward std (ours): {std:.4f}")
+    pairs = ", ".join(f"{x:.3f}" for x in ratios)
+    print(f"{model}: median ratio ours/trl {summary['ratio']:.3f} (pairs: {pairs})")
+    tokens = {side: (summary[side]["generated"], summary[side]["trained"]) for side in ("ours", "trl")}
+    if tokens["ours"] != tokens["trl"]:
         print("WARNING: the two sides did not generate / train on the same number of tokens")
     return summary
 
@@ -366,7 +429,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top_p", type=float, default=0.95)
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--data", default="", help="mm JSONL with one image per record (default: the synthetic task)")
+    ap.add_argument(
+        "--data", default="", help="mm JSONL with one image per record (default: the synthetic task)"
+    )
     ap.add_argument("--json", default="", help="also write the summary here")
     ap.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
@@ -384,8 +449,8 @@ def main() -> None:
         if not data:
             import synth
 
-            synth.write_synth(tmp, synth.SynthConfig(seed=0, n_sft=0, n_sft_test=0, n_mm_train=max(8, a.prompts),
-                                                     n_text_train=0, n_mm_test=0, n_text_test=0))  # fmt: skip
+            empty = dict(n_sft=0, n_sft_test=0, n_text_train=0, n_mm_test=0, n_text_test=0)
+            synth.write_synth(tmp, synth.SynthConfig(seed=0, n_mm_train=max(8, a.prompts), **empty))
             data = os.path.join(tmp, "mm_train.jsonl")
         log_path = os.path.join(tmp, "workers.log")
         results = []

@@ -70,12 +70,15 @@ def main() -> None:
         return
     res = {}
     for side in ("chunked", "naive"):
-        cmd = [sys.executable, __file__, "--side", side, "--batch", str(a.batch), "--seq", str(a.seq),
-               "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--chunk", str(a.chunk)]  # fmt: skip
+        cmd = [sys.executable, __file__, "--side", side]
+        for k in ("batch", "seq", "vocab", "hidden", "chunk"):
+            cmd += [f"--{k}", str(getattr(a, k))]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         res[side] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{side:8s} peak {res[side]['peak_mb']:9.1f} MB  loss {res[side]['loss']:.6f}  "
-              f"grad norm {res[side]['grad_norm']:.6f}")  # fmt: skip
+        print(
+            f"{side:8s} peak {res[side]['peak_mb']:9.1f} MB  loss {res[side]['loss']:.6f}  "
+            f"grad norm {res[side]['grad_norm']:.6f}"
+        )
     assert abs(res["chunked"]["loss"] - res["naive"]["loss"]) < 1e-4, "the two sides disagree"
     print(f"B={a.batch} T={a.seq} V={a.vocab} H={a.hidden} chunk={a.chunk}")
     print(f"peak memory chunked/naive: {res['chunked']['peak_mb'] / res['naive']['peak_mb']:.3f}")

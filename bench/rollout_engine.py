@@ -69,7 +69,9 @@ def main() -> None:
     ap.add_argument("--model", default="tiny-qwen")
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--group_size", type=int, default=8)
-    ap.add_argument("--micro_batch", type=int, default=8, help="prompts per call of today's loop; slots = this x n")
+    ap.add_argument(
+        "--micro_batch", type=int, default=8, help="prompts per call of today's loop; slots = this x n"
+    )
     ap.add_argument("--max_new_tokens", type=int, default=192)
     ap.add_argument("--median", type=float, default=40.0)
     ap.add_argument("--sigma", type=float, default=1.0)
@@ -91,10 +93,13 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     n = a.group_size
     with tempfile.TemporaryDirectory() as tmp:
-        synth.write_synth(tmp, synth.SynthConfig(seed=a.seed, n_sft=0, n_sft_test=0, n_mm_train=a.prompts,
-                                                 n_text_train=0, n_mm_test=0, n_text_test=0))
+        empty = dict(n_sft=0, n_sft_test=0, n_text_train=0, n_mm_test=0, n_text_test=0)
+        synth.write_synth(tmp, synth.SynthConfig(seed=a.seed, n_mm_train=a.prompts, **empty))
         hf, processor = M.load_model(a.model, seed=0)
-        enc = [D.encode_prompt(r, processor) for r in D.load_records(os.path.join(tmp, "mm_train.jsonl"))[: a.prompts]]
+        enc = [
+            D.encode_prompt(r, processor)
+            for r in D.load_records(os.path.join(tmp, "mm_train.jsonl"))[: a.prompts]
+        ]
     hf.eval()
     tok = processor.tokenizer
     gc = S.generation_config(tok, 1.0, 0.95, a.max_new_tokens)
@@ -133,59 +138,99 @@ def main() -> None:
 
                     def __call__(self, input_ids, scores):
                         b = input_ids.shape[0]
-                        return local(torch.arange(b), torch.full((b,), input_ids.shape[1] - self.width), scores)
+                        return local(
+                            torch.arange(b), torch.full((b,), input_ids.shape[1] - self.width), scores
+                        )
 
-                out = hf.generate(**rep, generation_config=gc, logits_processor=LogitsProcessorList([Forced(width)]))
+                out = hf.generate(
+                    **rep, generation_config=gc, logits_processor=LogitsProcessorList([Forced(width)])
+                )
             else:
                 width = batch["input_ids"].shape[1]
                 out = S.generate(hf, **batch, generation_config=gc, num_return_sequences=n, logits_hook=local)
             row_steps += check(out, width, offset) * len(chunk) * n
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         useful = sum(lengths[: num_prompts * n])
-        return dict(seconds=dt, cpu_seconds=cpu, useful_tokens=useful, tokens_per_s=useful / dt,
-                    tokens_per_cpu_s=useful / cpu, utilisation=useful / row_steps,
-                    kv_rows=min(a.micro_batch, num_prompts) * n, sequences=num_prompts * n)
+        return dict(
+            seconds=dt,
+            cpu_seconds=cpu,
+            useful_tokens=useful,
+            tokens_per_s=useful / dt,
+            tokens_per_cpu_s=useful / cpu,
+            utilisation=useful / row_steps,
+            kv_rows=min(a.micro_batch, num_prompts) * n,
+            sequences=num_prompts * n,
+        )
 
     def run_engine() -> dict:
         batch = collate(enc)
         st: dict = {}
         t0, c0 = time.perf_counter(), time.process_time()
-        out = E.generate(hf, **batch, generation_config=gc, num_return_sequences=n, slots=slots, logits_hook=hook,
-                         stats=st)
+        out = E.generate(
+            hf, **batch, generation_config=gc, num_return_sequences=n, slots=slots, logits_hook=hook, stats=st
+        )
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         check(out, batch["input_ids"].shape[1], 0)
-        return dict(seconds=dt, cpu_seconds=cpu, useful_tokens=useful_all, tokens_per_s=useful_all / dt,
-                    tokens_per_cpu_s=useful_all / cpu,
-                    utilisation=useful_all / (st["slots"] * st["steps"]), kv_rows=st["slots"],
-                    sequences=len(enc) * n, kv_mib=st["kv_bytes"] / 2**20, decoder_row_steps=st["row_steps"],
-                    steps=st["steps"], prefills=st["prefills"])
+        return dict(
+            seconds=dt,
+            cpu_seconds=cpu,
+            useful_tokens=useful_all,
+            tokens_per_s=useful_all / dt,
+            tokens_per_cpu_s=useful_all / cpu,
+            utilisation=useful_all / (st["slots"] * st["steps"]),
+            kv_rows=st["slots"],
+            sequences=len(enc) * n,
+            kv_mib=st["kv_bytes"] / 2**20,
+            decoder_row_steps=st["row_steps"],
+            steps=st["steps"],
+            prefills=st["prefills"],
+        )
 
     ls = sorted(lengths)
-    print(f"{a.model}: {len(enc)} prompts x {n} = {len(lengths)} sequences, {slots} slots / rows per call, "
-          f"lengths mean {sum(ls) / len(ls):.1f} median {ls[len(ls) // 2]} p90 {ls[int(0.9 * len(ls))]} max {ls[-1]} "
-          f"(cap {a.max_new_tokens}), {a.threads} thread(s)", flush=True)
+    print(
+        f"{a.model}: {len(enc)} prompts x {n} = {len(lengths)} sequences, {slots} slots / rows per call, "
+        f"lengths mean {sum(ls) / len(ls):.1f} median {ls[len(ls) // 2]} p90 {ls[int(0.9 * len(ls))]} max {ls[-1]} "
+        f"(cap {a.max_new_tokens}), {a.threads} thread(s)",
+        flush=True,
+    )
     torch.manual_seed(a.seed)
-    E.generate(hf, **collate(enc[:1]), generation_config=gc, num_return_sequences=2, slots=2, logits_hook=hook)
-    S.generate(hf, **collate(enc[:1]), generation_config=gc, num_return_sequences=2, logits_hook=hook)  # warm-up
+    warm = dict(generation_config=gc, num_return_sequences=2, logits_hook=hook)  # warm-up
+    E.generate(hf, **collate(enc[:1]), **warm, slots=2)
+    S.generate(hf, **collate(enc[:1]), **warm)
     res = {}
-    for name, fn in (("engine", run_engine), ("loop", lambda: run_loop(False, len(enc))),
-                     ("hf", lambda: run_loop(True, min(a.hf_prompts, len(enc))))):
+    for name, fn in (
+        ("engine", run_engine),
+        ("loop", lambda: run_loop(False, len(enc))),
+        ("hf", lambda: run_loop(True, min(a.hf_prompts, len(enc)))),
+    ):
         torch.manual_seed(a.seed)
         res[name] = fn()
         r = res[name]
-        print(f"{name:6s}: {r['sequences']} sequences, {r['useful_tokens']} useful tokens in {r['seconds']:.1f} s wall "
-              f"({r['cpu_seconds']:.1f} s CPU) = {r['tokens_per_s']:.1f} tokens/s ({r['tokens_per_cpu_s']:.1f} per CPU "
-              f"second), slot utilisation {r['utilisation']:.2f}, {r['kv_rows']} KV rows", flush=True)
-    summary = dict(res, date=time.strftime("%Y-%m-%d"), threads=a.threads, model=a.model, prompts=len(enc),
-                   group_size=n, max_new_tokens=a.max_new_tokens,
-                   engine_vs_loop=res["engine"]["tokens_per_s"] / res["loop"]["tokens_per_s"],
-                   engine_vs_hf=res["engine"]["tokens_per_s"] / res["hf"]["tokens_per_s"],
-                   engine_vs_loop_cpu=res["engine"]["tokens_per_cpu_s"] / res["loop"]["tokens_per_cpu_s"],
-                   engine_vs_hf_cpu=res["engine"]["tokens_per_cpu_s"] / res["hf"]["tokens_per_cpu_s"])
-    print(f"engine {res['engine']['tokens_per_s']:.1f} useful tokens/s: x{summary['engine_vs_loop']:.2f} today's loop "
-          f"({res['loop']['tokens_per_s']:.1f}), x{summary['engine_vs_hf']:.2f} HF generate "
-          f"({res['hf']['tokens_per_s']:.1f}); per CPU second x{summary['engine_vs_loop_cpu']:.2f} and "
-          f"x{summary['engine_vs_hf_cpu']:.2f}")
+        print(
+            f"{name:6s}: {r['sequences']} sequences, {r['useful_tokens']} useful tokens in {r['seconds']:.1f} s wall "
+            f"({r['cpu_seconds']:.1f} s CPU) = {r['tokens_per_s']:.1f} tokens/s ({r['tokens_per_cpu_s']:.1f} per CPU "
+            f"second), slot utilisation {r['utilisation']:.2f}, {r['kv_rows']} KV rows",
+            flush=True,
+        )
+    summary = dict(
+        res,
+        date=time.strftime("%Y-%m-%d"),
+        threads=a.threads,
+        model=a.model,
+        prompts=len(enc),
+        group_size=n,
+        max_new_tokens=a.max_new_tokens,
+        engine_vs_loop=res["engine"]["tokens_per_s"] / res["loop"]["tokens_per_s"],
+        engine_vs_hf=res["engine"]["tokens_per_s"] / res["hf"]["tokens_per_s"],
+        engine_vs_loop_cpu=res["engine"]["tokens_per_cpu_s"] / res["loop"]["tokens_per_cpu_s"],
+        engine_vs_hf_cpu=res["engine"]["tokens_per_cpu_s"] / res["hf"]["tokens_per_cpu_s"],
+    )
+    print(
+        f"engine {res['engine']['tokens_per_s']:.1f} useful tokens/s: x{summary['engine_vs_loop']:.2f} today's loop "
+        f"({res['loop']['tokens_per_s']:.1f}), x{summary['engine_vs_hf']:.2f} HF generate "
+        f"({res['hf']['tokens_per_s']:.1f}); per CPU second x{summary['engine_vs_loop_cpu']:.2f} and "
+        f"x{summary['engine_vs_hf_cpu']:.2f}"
+    )
     print(json.dumps(summary))
 
 

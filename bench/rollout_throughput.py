@@ -44,7 +44,9 @@ def throughput(kind: str, data: str, a) -> dict:
     enc = [D.encode_prompt(r, processor) for r in D.load_records(data)[: a.prompts]]
     gc = S.generation_config(tok, 1.0, 0.95, a.max_new_tokens)
     gc.min_new_tokens = a.max_new_tokens
-    repeated = D.collate_prompts([e for e in enc for _ in range(a.group_size)], tok.pad_token_id, hf.config.image_token_id)
+    repeated = D.collate_prompts(
+        [e for e in enc for _ in range(a.group_size)], tok.pad_token_id, hf.config.image_token_id
+    )
     once = D.collate_prompts(enc, tok.pad_token_id, hf.config.image_token_id)
     sides = {
         "hf": lambda: hf.generate(**repeated, generation_config=gc, synced_gpus=False),
@@ -69,9 +71,12 @@ def throughput(kind: str, data: str, a) -> dict:
         res[f"{name}_tokens_per_s"] = tokens / statistics.median(times[name])
     for name in ("ours", "ours_group"):
         res[f"{name}_speedup"] = statistics.median(h / o for h, o in zip(times["hf"], times[name]))
-    print(f"{kind}: {tokens} completion tokens per call; tokens/s: hf {res['hf_tokens_per_s']:.0f}, ours "
-          f"{res['ours_tokens_per_s']:.0f} (x{res['ours_speedup']:.2f}), ours_group {res['ours_group_tokens_per_s']:.0f}"
-          f" (x{res['ours_group_speedup']:.2f}); median of {a.repeats}", flush=True)  # fmt: skip
+    print(
+        f"{kind}: {tokens} completion tokens per call; tokens/s: hf {res['hf_tokens_per_s']:.0f}, ours "
+        f"{res['ours_tokens_per_s']:.0f} (x{res['ours_speedup']:.2f}), ours_group {res['ours_group_tokens_per_s']:.0f}"
+        f" (x{res['ours_group_speedup']:.2f}); median of {a.repeats}",
+        flush=True,
+    )
     return res
 
 
@@ -85,19 +90,31 @@ def skips(tmp: str, a) -> dict:
     logging.disable(logging.INFO)
     os.environ["TQDM_DISABLE"] = "1"  # the training loops' progress bars
     data_dir = os.path.join(tmp, "synth")
-    synth.write_synth(data_dir, synth.SynthConfig(seed=0, mm_share=0.5, n_sft=800, n_sft_test=0, n_mm_train=200,
-                                                  n_text_train=0, n_mm_test=0, n_text_test=0))  # fmt: skip
+    sizes = dict(n_sft=800, n_sft_test=0, n_mm_train=200, n_text_train=0, n_mm_test=0, n_text_test=0)
+    synth.write_synth(data_dir, synth.SynthConfig(seed=0, mm_share=0.5, **sizes))
     sft_dir = os.path.join(tmp, "sft")
-    sft.train(sft.SFTConfig(model="tiny", data=os.path.join(data_dir, "sft.jsonl"), out_dir=sft_dir,
-                            max_steps=a.sft_steps, lr=1e-2, global_batch=8, micro_batch=8, save_every=0, eval_every=0,
-                            log_every=0))  # fmt: skip
+    schedule = dict(max_steps=a.sft_steps, lr=1e-2, global_batch=8, micro_batch=8)
+    quiet = dict(save_every=0, eval_every=0, log_every=0)
+    sft_data = os.path.join(data_dir, "sft.jsonl")
+    sft.train(sft.SFTConfig(model="tiny", data=sft_data, out_dir=sft_dir, **schedule, **quiet))
     out = {}
     for mode in ("filter", "paper"):
         run = os.path.join(tmp, f"grpo_{mode}")
-        cfg = G.GRPOConfig(model=os.path.join(sft_dir, "final"), data=os.path.join(data_dir, "mm_train.jsonl"),
-                           out_dir=run, max_steps=a.grpo_steps, save_every=10**6, rollout_batch=8, group_size=8,
-                           rollout_micro_batch=8, max_new_tokens=64, mini_batch=64, micro_batch=32, pad_mode=mode,
-                           resume=False)  # fmt: skip
+        cfg = G.GRPOConfig(
+            model=os.path.join(sft_dir, "final"),
+            data=os.path.join(data_dir, "mm_train.jsonl"),
+            out_dir=run,
+            max_steps=a.grpo_steps,
+            save_every=10**6,
+            rollout_batch=8,
+            group_size=8,
+            rollout_micro_batch=8,
+            max_new_tokens=64,
+            mini_batch=64,
+            micro_batch=32,
+            pad_mode=mode,
+            resume=False,
+        )
         G.train(cfg)
         with open(os.path.join(run, "rollouts.jsonl")) as f:
             rows = [json.loads(line) for line in f]
@@ -106,15 +123,22 @@ def skips(tmp: str, a) -> dict:
         for s in steps:
             rs = [r for r in rows if r["step"] == s]
             seq_drop.append(sum(not r["kept"] for r in rs) / len(rs))
-            tok_drop.append(sum(r["num_tokens"] for r in rs if not r["kept"]) / max(1, sum(r["num_tokens"] for r in rs)))
-        out[mode] = {"steps": len(steps), "sequences_dropped": statistics.mean(seq_drop),
-                     "tokens_dropped": statistics.mean(tok_drop),
-                     "mean_tokens_dropped_seq": _mean([r["num_tokens"] for r in rows if not r["kept"]]),
-                     "mean_tokens_kept_seq": _mean([r["num_tokens"] for r in rows if r["kept"]])}  # fmt: skip
+            dropped = sum(r["num_tokens"] for r in rs if not r["kept"])
+            tok_drop.append(dropped / max(1, sum(r["num_tokens"] for r in rs)))
+        out[mode] = {
+            "steps": len(steps),
+            "sequences_dropped": statistics.mean(seq_drop),
+            "tokens_dropped": statistics.mean(tok_drop),
+            "mean_tokens_dropped_seq": _mean([r["num_tokens"] for r in rows if not r["kept"]]),
+            "mean_tokens_kept_seq": _mean([r["num_tokens"] for r in rows if r["kept"]]),
+        }
         o = out[mode]
-        print(f"pad_mode={mode}: over {o['steps']} steps, {o['sequences_dropped']:.3f} of the sequences and "
-              f"{o['tokens_dropped']:.3f} of the completion tokens left out of the update (mean length dropped "
-              f"{o['mean_tokens_dropped_seq']:.1f} vs kept {o['mean_tokens_kept_seq']:.1f} tokens)", flush=True)  # fmt: skip
+        print(
+            f"pad_mode={mode}: over {o['steps']} steps, {o['sequences_dropped']:.3f} of the sequences and "
+            f"{o['tokens_dropped']:.3f} of the completion tokens left out of the update (mean length dropped "
+            f"{o['mean_tokens_dropped_seq']:.1f} vs kept {o['mean_tokens_kept_seq']:.1f} tokens)",
+            flush=True,
+        )
     return out
 
 
@@ -147,10 +171,10 @@ def main() -> None:
         if a.skip != "throughput":
             import synth
 
-            synth.write_synth(os.path.join(tmp, "mm"), synth.SynthConfig(seed=0, n_sft=0, n_sft_test=0, n_mm_train=8,
-                                                                         n_text_train=0, n_mm_test=0, n_text_test=0))  # fmt: skip
-            summary["throughput"] = [throughput(k, os.path.join(tmp, "mm", "mm_train.jsonl"), a)
-                                     for k in a.models.split(",")]  # fmt: skip
+            empty = dict(n_sft=0, n_sft_test=0, n_text_train=0, n_mm_test=0, n_text_test=0)
+            synth.write_synth(os.path.join(tmp, "mm"), synth.SynthConfig(seed=0, n_mm_train=8, **empty))
+            data = os.path.join(tmp, "mm", "mm_train.jsonl")
+            summary["throughput"] = [throughput(k, data, a) for k in a.models.split(",")]
         if a.skip != "skips":
             summary["skips"] = skips(tmp, a)
     print(json.dumps(summary))

@@ -48,45 +48,70 @@ def main() -> None:
         if not data:
             import synth
 
-            synth.write_synth(tmp, synth.SynthConfig(seed=0, mm_share=0.5, n_sft=400, n_sft_test=0, n_mm_train=0,
-                                                     n_text_train=0, n_mm_test=0, n_text_test=0))  # fmt: skip
+            sizes = dict(n_sft=400, n_sft_test=0, n_mm_train=0, n_text_train=0, n_mm_test=0, n_text_test=0)
+            synth.write_synth(tmp, synth.SynthConfig(seed=0, mm_share=0.5, **sizes))
             data = os.path.join(tmp, "sft.jsonl")
 
         # Static padding fraction over one epoch's micro-batches.
-        base = sft.SFTConfig(model=args.model, data=data, global_batch=args.global_batch, micro_batch=args.micro_batch)
+        base = sft.SFTConfig(
+            model=args.model, data=data, global_batch=args.global_batch, micro_batch=args.micro_batch
+        )
         _, processor = M.load_model(args.model)
         examples = sft.build_examples(D.load_records(data, require_solution=True), processor, base)
         lengths = [e.length for e in examples]
         static = {}
         for grouped in (True, False):
             order = sft.epoch_order(lengths, 0, 0, args.micro_batch, grouped)
-            batches = [[lengths[i] for i in order[s : s + args.micro_batch]] for s in range(0, len(order), args.micro_batch)]
+            batches = [
+                [lengths[i] for i in order[s : s + args.micro_batch]]
+                for s in range(0, len(order), args.micro_batch)
+            ]
             static[grouped] = 1.0 - sum(map(sum, batches)) / sum(len(b) * max(b) for b in batches)
-        print(f"{len(examples)} records ({sum(e.prompt.pixel_values is not None for e in examples)} with images), "
-              f"lengths {min(lengths)}..{max(lengths)} tokens; micro-batch {args.micro_batch}, global batch "
-              f"{args.global_batch}, {args.threads} threads, model {args.model}")  # fmt: skip
+        print(
+            f"{len(examples)} records ({sum(e.prompt.pixel_values is not None for e in examples)} with images), "
+            f"lengths {min(lengths)}..{max(lengths)} tokens; micro-batch {args.micro_batch}, global batch "
+            f"{args.global_batch}, {args.threads} threads, model {args.model}"
+        )
         print(f"padding fraction over an epoch: grouped {static[True]:.3f}, not grouped {static[False]:.3f}")
 
         logging.disable(logging.INFO)
         measured = {}
         for grouped in (True, False):
             out = os.path.join(tmp, f"run_{int(grouped)}")
-            cfg = sft.SFTConfig(model=args.model, data=data, out_dir=out, max_steps=steps, lr=1e-3,
-                                global_batch=args.global_batch, micro_batch=args.micro_batch, group_by_length=grouped,
-                                save_every=0, eval_every=0, log_every=0, resume="false")  # fmt: skip
+            cfg = sft.SFTConfig(
+                model=args.model,
+                data=data,
+                out_dir=out,
+                max_steps=steps,
+                lr=1e-3,
+                global_batch=args.global_batch,
+                micro_batch=args.micro_batch,
+                group_by_length=grouped,
+                save_every=0,
+                eval_every=0,
+                log_every=0,
+                resume="false",
+            )
             sft.train(cfg)
             with open(os.path.join(out, "metrics.jsonl")) as f:
                 rows = [json.loads(line) for line in f][1:]  # the first step is warm-up
             seconds = sum(r["seq_tokens"] / r["tokens_per_s"] for r in rows)
-            measured[grouped] = {"tokens_per_s": sum(r["seq_tokens"] for r in rows) / seconds,
-                                 "pad_frac": sum(r["pad_frac"] for r in rows) / len(rows)}  # fmt: skip
+            measured[grouped] = {
+                "tokens_per_s": sum(r["seq_tokens"] for r in rows) / seconds,
+                "pad_frac": sum(r["pad_frac"] for r in rows) / len(rows),
+            }
             name = "grouped" if grouped else "not grouped"
-            print(f"{name:>12}: {measured[grouped]['tokens_per_s']:.0f} tokens/s, "
-                  f"pad_frac {measured[grouped]['pad_frac']:.3f} (steps 2..{steps})")  # fmt: skip
-    print(json.dumps({"model": args.model, "steps": steps, "micro_batch": args.micro_batch,
-                      "pad_frac_epoch_grouped": round(static[True], 4), "pad_frac_epoch_ungrouped": round(static[False], 4),
-                      "tokens_per_s_grouped": round(measured[True]["tokens_per_s"], 1),
-                      "tokens_per_s_ungrouped": round(measured[False]["tokens_per_s"], 1)}))  # fmt: skip
+            print(
+                f"{name:>12}: {measured[grouped]['tokens_per_s']:.0f} tokens/s, "
+                f"pad_frac {measured[grouped]['pad_frac']:.3f} (steps 2..{steps})"
+            )
+    summary = {"model": args.model, "steps": steps, "micro_batch": args.micro_batch}
+    summary.update(
+        pad_frac_epoch_grouped=round(static[True], 4), pad_frac_epoch_ungrouped=round(static[False], 4)
+    )
+    summary.update(tokens_per_s_grouped=round(measured[True]["tokens_per_s"], 1))
+    summary.update(tokens_per_s_ungrouped=round(measured[False]["tokens_per_s"], 1))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

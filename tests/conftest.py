@@ -59,11 +59,21 @@ def sft_tiny(tmp_path_factory):
     import synth
 
     data_dir = str(tmp_path_factory.mktemp("sft_synth"))
-    synth.write_synth(data_dir, synth.SynthConfig(seed=0, n_sft=1600, n_sft_test=100, n_mm_train=0, n_text_train=0,
-                                                  n_mm_test=0, n_text_test=0))  # fmt: skip
+    sizes = dict(n_sft=1600, n_sft_test=100, n_mm_train=0, n_text_train=0, n_mm_test=0, n_text_test=0)
+    synth.write_synth(data_dir, synth.SynthConfig(seed=0, **sizes))
     out = str(tmp_path_factory.mktemp("sft_tiny"))
-    cfg = sft.SFTConfig(model="tiny", data=os.path.join(data_dir, "sft.jsonl"),
-                        eval_data=os.path.join(data_dir, "sft_test.jsonl"), out_dir=out, max_steps=300, lr=1e-2,
-                        global_batch=32, micro_batch=16, save_every=0, eval_every=0, log_every=0)  # fmt: skip
+    cfg = sft.SFTConfig(
+        model="tiny",
+        data=os.path.join(data_dir, "sft.jsonl"),
+        eval_data=os.path.join(data_dir, "sft_test.jsonl"),
+        out_dir=out,
+        max_steps=300,
+        lr=1e-2,
+        global_batch=32,
+        micro_batch=16,
+        save_every=0,
+        eval_every=0,
+        log_every=0,
+    )
     sft.train(cfg)
     return out, data_dir

@@ -91,7 +91,12 @@ MATHVERSE_ROWS = [
     ("Text Dominant", "multi-choice", "Find x.\nChoices:\nA:1\nB:3\nC:5\nD:7", "B"),
     ("Text Lite", "multi-choice", "Find the angle.\nChoices:\nA:30°\nB:45°\nC:60°\nD:90°", "(C)"),
     ("Vision Intensive", "free-form", "Find the length of AB.", "3"),
-    ("Vision Dominant", "multi-choice", "Which are right angles?\nChoices:\nA:angle 1\nB:angle 2\nC:angle 3", "A\nC"),
+    (
+        "Vision Dominant",
+        "multi-choice",
+        "Which are right angles?\nChoices:\nA:angle 1\nB:angle 2\nC:angle 3",
+        "A\nC",
+    ),
     ("Text Only", "free-form", "Is the triangle equilateral? Answer True or False.", "False"),
 ]
 
@@ -99,21 +104,32 @@ MATHVERSE_ROWS = [
 def _mathverse_rows(prefix: str = "") -> list[dict]:
     rows = []
     for i, (version, qtype, question, answer) in enumerate(MATHVERSE_ROWS):
-        cot = ("Please first conduct reasoning, and then answer the question and provide the correct option letter"
-               if qtype == "multi-choice" else "Please first conduct reasoning, and then answer the question")
-        rows.append({"sample_index": f"{prefix}{i + 1}", "problem_index": "1", "problem_version": version,
-                     "question": question, "image": None if version == "Text Only" else image_struct((56 + 28 * i, 56)),
-                     "answer": answer, "question_type": qtype, "metadata": {"split": "testmini"},
-                     "query_wo": question, "query_cot": f"{cot}.\nQuestion: {question}",
-                     "question_for_eval": question})
+        cot = "Please first conduct reasoning, and then answer the question"
+        if qtype == "multi-choice":
+            cot += " and provide the correct option letter"
+        rows.append(
+            {
+                "sample_index": f"{prefix}{i + 1}",
+                "problem_index": "1",
+                "problem_version": version,
+                "question": question,
+                "image": None if version == "Text Only" else image_struct((56 + 28 * i, 56)),
+                "answer": answer,
+                "question_type": qtype,
+                "metadata": {"split": "testmini"},
+                "query_wo": question,
+                "query_cot": f"{cot}.\nQuestion: {question}",
+                "question_for_eval": question,
+            }
+        )
     return rows
 
 
 def write_mathverse(root: str) -> str:
     """The repository root: testmini.parquet beside testmini_text_only.parquet (pick one with --split)."""
     folder = os.path.join(root, "MathVerse")
-    write_parquet(os.path.join(folder, "testmini_text_only.parquet"), _mathverse_rows("t")[4:],
-                  {"image": IMAGE_STRUCT})
+    text_only = _mathverse_rows("t")[4:]
+    write_parquet(os.path.join(folder, "testmini_text_only.parquet"), text_only, {"image": IMAGE_STRUCT})
     write_parquet(os.path.join(folder, "testmini.parquet"), _mathverse_rows(), {"image": IMAGE_STRUCT})
     return folder
 
@@ -125,9 +141,17 @@ def write_mathverse_tsv(root: str) -> str:
     rows = []
     for i, r in enumerate(_mathverse_rows()[:4]):
         image = b64_png((56, 56), "blue") if i == 0 else "1"
-        rows.append({"index": str(i + 1), "image": image, "question": r["question"], "answer": r["answer"],
-                     "query_cot": r["query_cot"], "problem_version": r["problem_version"],
-                     "question_type": r["question_type"]})
+        rows.append(
+            {
+                "index": str(i + 1),
+                "image": image,
+                "question": r["question"],
+                "answer": r["answer"],
+                "query_cot": r["query_cot"],
+                "problem_version": r["problem_version"],
+                "question_type": r["question_type"],
+            }
+        )
     return write_tsv(os.path.join(root, "vlmeval", "MathVerse_MINI.tsv"), rows)
 
 
@@ -136,18 +160,32 @@ def write_mathverse_tsv(root: str) -> str:
 # id, question, options (list), image (path string), decoded_image (Image), answer, solution, level, subject).
 
 
+MATHVISION_ITEMS = [
+    ("<image1> How many?", ["1", "2", "3"], "B"),
+    ("<image1> What is the area?", [], "12"),
+    ("<image1> Which shape?", ["circle", "square"], "A"),
+]
+
+
 def write_mathvision(root: str) -> str:
     folder = os.path.join(root, "MathVision", "data")
-    rows = [{"id": str(i), "question": q, "options": opts, "image": f"images/{i}.jpg",
-             "decoded_image": image_struct((84, 56), "blue"), "answer": a, "solution": "", "level": 2,
-             "subject": "arithmetic"}
-            for i, (q, opts, a) in enumerate([("<image1> How many?", ["1", "2", "3"], "B"),
-                                              ("<image1> What is the area?", [], "12"),
-                                              ("<image1> Which shape?", ["circle", "square"], "A")], 1)]
-    write_parquet(os.path.join(folder, "test-00000-of-00001-3532b8d3f1b4047a.parquet"), rows,
-                  {"decoded_image": IMAGE_STRUCT, "options": pa.list_(pa.string())})
-    write_parquet(os.path.join(folder, "testmini-00000-of-00001-f8ff70fcb2f29b1d.parquet"), rows[:1],
-                  {"decoded_image": IMAGE_STRUCT, "options": pa.list_(pa.string())})
+    rows = [
+        {
+            "id": str(i),
+            "question": q,
+            "options": opts,
+            "image": f"images/{i}.jpg",
+            "decoded_image": image_struct((84, 56), "blue"),
+            "answer": a,
+            "solution": "",
+            "level": 2,
+            "subject": "arithmetic",
+        }
+        for i, (q, opts, a) in enumerate(MATHVISION_ITEMS, 1)
+    ]
+    types = {"decoded_image": IMAGE_STRUCT, "options": pa.list_(pa.string())}
+    write_parquet(os.path.join(folder, "test-00000-of-00001-3532b8d3f1b4047a.parquet"), rows, types)
+    write_parquet(os.path.join(folder, "testmini-00000-of-00001-f8ff70fcb2f29b1d.parquet"), rows[:1], types)
     return os.path.dirname(folder)
 
 
@@ -160,39 +198,88 @@ def write_mathvision(root: str) -> str:
 
 _HINT = "Hint: Please answer the question requiring {} and provide the final value, e.g., {}, at the end.\n"
 MATHVISTA_ROWS = [
-    {"pid": "1", "question": "Which is larger?", "choices": ["4.5", "3", "7"], "unit": None, "precision": None,
-     "answer": "4.5", "question_type": "multi_choice", "answer_type": "text",
-     "query": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the "
-              "end.\nQuestion: Which is larger?\nChoices:\n(A) 4.5\n(B) 3\n(C) 7"},
-    {"pid": "2", "question": "How many cubes?", "choices": None, "unit": None, "precision": None, "answer": "7",
-     "question_type": "free_form", "answer_type": "integer",
-     "query": _HINT.format("an integer answer", "1, 2, 3") + "Question: How many cubes?"},
-    {"pid": "3", "question": "What is the ratio?", "choices": None, "unit": None, "precision": 2.0,
-     "answer": "1.45", "question_type": "free_form", "answer_type": "float",
-     "query": _HINT.format("a floating-point number with two decimal places", "1.23, 1.34, 1.45")
-              + "Question: What is the ratio?"},
-    {"pid": "4", "question": "What is the length?", "choices": None, "unit": "cm", "precision": 1.0,
-     "answer": "1.2", "question_type": "free_form", "answer_type": "float",
-     "query": _HINT.format("a floating-point number with one decimal place", "1.2, 1.3, 1.4")
-              + "Question: What is the length? (Unit: cm)"},
+    {
+        "pid": "1",
+        "question": "Which is larger?",
+        "choices": ["4.5", "3", "7"],
+        "unit": None,
+        "precision": None,
+        "answer": "4.5",
+        "question_type": "multi_choice",
+        "answer_type": "text",
+        "query": (
+            "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the "
+            "end.\nQuestion: Which is larger?\nChoices:\n(A) 4.5\n(B) 3\n(C) 7"
+        ),
+    },
+    {
+        "pid": "2",
+        "question": "How many cubes?",
+        "choices": None,
+        "unit": None,
+        "precision": None,
+        "answer": "7",
+        "question_type": "free_form",
+        "answer_type": "integer",
+        "query": _HINT.format("an integer answer", "1, 2, 3") + "Question: How many cubes?",
+    },
+    {
+        "pid": "3",
+        "question": "What is the ratio?",
+        "choices": None,
+        "unit": None,
+        "precision": 2.0,
+        "answer": "1.45",
+        "question_type": "free_form",
+        "answer_type": "float",
+        "query": (
+            _HINT.format("a floating-point number with two decimal places", "1.23, 1.34, 1.45")
+            + "Question: What is the ratio?"
+        ),
+    },
+    {
+        "pid": "4",
+        "question": "What is the length?",
+        "choices": None,
+        "unit": "cm",
+        "precision": 1.0,
+        "answer": "1.2",
+        "question_type": "free_form",
+        "answer_type": "float",
+        "query": (
+            _HINT.format("a floating-point number with one decimal place", "1.2, 1.3, 1.4")
+            + "Question: What is the length? (Unit: cm)"
+        ),
+    },
 ]
-_MATHVISTA_TYPES = {"decoded_image": IMAGE_STRUCT, "choices": pa.list_(pa.string()), "precision": pa.float64(),
-                    "unit": pa.string()}
+_MATHVISTA_TYPES = {
+    "decoded_image": IMAGE_STRUCT,
+    "choices": pa.list_(pa.string()),
+    "precision": pa.float64(),
+    "unit": pa.string(),
+}
 
 
 def _mathvista_rows() -> list[dict]:
-    return [dict(r, image=f"images/{r['pid']}.jpg", decoded_image=image_struct((56, 84), "green"),
-                 metadata={"language": "english", "img_width": 56, "img_height": 84}) for r in MATHVISTA_ROWS]
+    return [
+        dict(
+            r,
+            image=f"images/{r['pid']}.jpg",
+            decoded_image=image_struct((56, 84), "green"),
+            metadata={"language": "english", "img_width": 56, "img_height": 84},
+        )
+        for r in MATHVISTA_ROWS
+    ]
 
 
 def write_mathvista(root: str) -> str:
     """The Hugging Face repository: testmini and test shards in data/ (pick one with --split), annot json."""
     folder = os.path.join(root, "MathVista")
     rows = _mathvista_rows()
-    write_parquet(os.path.join(folder, "data", "testmini-00000-of-00001-725687bf7a18d64b.parquet"), rows,
-                  _MATHVISTA_TYPES)
-    write_parquet(os.path.join(folder, "data", "test-00000-of-00002-6b81bd7f7e2065e6.parquet"),
-                  [dict(r, pid=f"t{r['pid']}", answer="") for r in rows], _MATHVISTA_TYPES)
+    testmini = os.path.join(folder, "data", "testmini-00000-of-00001-725687bf7a18d64b.parquet")
+    test = os.path.join(folder, "data", "test-00000-of-00002-6b81bd7f7e2065e6.parquet")
+    write_parquet(testmini, rows, _MATHVISTA_TYPES)
+    write_parquet(test, [dict(r, pid=f"t{r['pid']}", answer="") for r in rows], _MATHVISTA_TYPES)
     with open(os.path.join(folder, "source.json"), "w") as f:
         json.dump({"1": "IQTest"}, f)
     return folder
@@ -201,8 +288,10 @@ def write_mathvista(root: str) -> str:
 def write_mathvista_json(root: str) -> str:
     """The GitHub release's shape: testmini.json = {pid: row} with relative image paths."""
     folder = os.path.join(root, "mathvista_json")
-    data = {r["pid"]: dict(r, image=f"images/{save_image(os.path.join(folder, 'images'), r['pid'] + '.jpg')}")
-            for r in MATHVISTA_ROWS}
+    data = {
+        r["pid"]: dict(r, image=f"images/{save_image(os.path.join(folder, 'images'), r['pid'] + '.jpg')}")
+        for r in MATHVISTA_ROWS
+    }
     with open(os.path.join(folder, "testmini.json"), "w") as f:
         json.dump(data, f)
     return os.path.join(folder, "testmini.json")
@@ -225,16 +314,34 @@ def write_mathvista_saved(root: str) -> str:
 # One 2-step problem (steps right, composite wrong: IG), one 3-step problem (a step wrong, composite right:
 # RM strict, CM loose), one 1-step item (outside the four dimensions).
 
-WEMATH_ITEMS = [("1", "2steps_1", "A. 3;B. 4;C. 5;D. 6", "A"), ("1", "2steps_2", "A. 3;B. 4;C. 5;D. 6", "C"),
-                ("1", "2steps_multi", "A. 3;B. 4;C. 5;D. 6", "B"), ("2", "3steps_1", "A. 1;B. 2", "A"),
-                ("2", "3steps_2", "A. 1;B. 2", "B"), ("2", "3steps_3", "A. 1;B. 2", "A"),
-                ("2", "3steps_multi", "A. 1;B. 2", "B"), ("3", "1step", "A. 30°;B. 60°", "B")]
+WEMATH_ITEMS = [
+    ("1", "2steps_1", "A. 3;B. 4;C. 5;D. 6", "A"),
+    ("1", "2steps_2", "A. 3;B. 4;C. 5;D. 6", "C"),
+    ("1", "2steps_multi", "A. 3;B. 4;C. 5;D. 6", "B"),
+    ("2", "3steps_1", "A. 1;B. 2", "A"),
+    ("2", "3steps_2", "A. 1;B. 2", "B"),
+    ("2", "3steps_3", "A. 1;B. 2", "A"),
+    ("2", "3steps_multi", "A. 1;B. 2", "B"),
+    ("3", "1step", "A. 30°;B. 60°", "B"),
+]
 
 
 def _wemath_rows() -> list[dict]:
-    return [{"ID": i, "split": "testmini", "knowledge concept": "Area", "question": f"Step {k}?", "option": o,
-             "answer": a, "image_path": image_struct((56, 56), "yellow"), "key": k, "question number": n,
-             "knowledge concept description": "..."} for n, (i, k, o, a) in enumerate(WEMATH_ITEMS, 1)]
+    return [
+        {
+            "ID": i,
+            "split": "testmini",
+            "knowledge concept": "Area",
+            "question": f"Step {k}?",
+            "option": o,
+            "answer": a,
+            "image_path": image_struct((56, 56), "yellow"),
+            "key": k,
+            "question number": n,
+            "knowledge concept description": "...",
+        }
+        for n, (i, k, o, a) in enumerate(WEMATH_ITEMS, 1)
+    ]
 
 
 def write_wemath(root: str) -> str:
@@ -250,8 +357,18 @@ def write_wemath_tsv(root: str) -> str:
         opts = {c: "" for c in "ABCD"}
         for part in r["option"].split(";"):
             opts[part[0]] = part[2:].strip()
-        rows.append({"index": str(n), "image": b64_png((56, 56), "yellow"), "question": r["question"], **opts,
-                     "answer": r["answer"], "ID": r["ID"], "key": r["key"], "knowledge concept": "Area"})
+        rows.append(
+            {
+                "index": str(n),
+                "image": b64_png((56, 56), "yellow"),
+                "question": r["question"],
+                **opts,
+                "answer": r["answer"],
+                "ID": r["ID"],
+                "key": r["key"],
+                "knowledge concept": "Area",
+            }
+        )
     return write_tsv(os.path.join(root, "vlmeval", "WeMath.tsv"), rows)
 
 
@@ -264,7 +381,11 @@ def write_wemath_tsv(root: str) -> str:
 
 LOGICVISTA_ROWS = [
     ("v1_1", "Which choices in the image (A-D) belong to the green category?", "A, C"),
-    ("v1_19", "How many triangles will be in the 6th shape? Select answers from A-D. \n A) 10 B) 12 C) 14 D) 16", "C"),
+    (
+        "v1_19",
+        "How many triangles will be in the 6th shape? Select answers from A-D. \n A) 10 B) 12 C) 14 D) 16",
+        "C",
+    ),
     ("v1_20", "Which is the correct answer according to the image? Select from 1-5", "3"),
     ("v1_382", "", ""),
 ]
@@ -273,23 +394,35 @@ LOGICVISTA_ROWS = [
 def write_logicvista(root: str) -> str:
     """The GitHub release: data/dataset.json ({id: row}, `imagename`) with data/images/."""
     folder = os.path.join(root, "LogicVista", "data")
-    data = {rid: {"imagename": save_image(os.path.join(folder, "images"), f"{rid}.png", (70, 56)), "question": q,
-                  "answer": a, "reasoning": "", "skill": ["inductive"], "capability": ["diagram"]}
-            for rid, q, a in LOGICVISTA_ROWS}
+    data = {
+        rid: {
+            "imagename": save_image(os.path.join(folder, "images"), f"{rid}.png", (70, 56)),
+            "question": q,
+            "answer": a,
+            "reasoning": "",
+            "skill": ["inductive"],
+            "capability": ["diagram"],
+        }
+        for rid, q, a in LOGICVISTA_ROWS
+    }
     with open(os.path.join(folder, "dataset.json"), "w") as f:
         json.dump(data, f, indent=4)
     return os.path.join(folder, "dataset.json")
 
 
 def write_logicvista_hf(root: str) -> str:
-    rows = [{"question": q, "image": image_struct((70, 56), "gray"), "answer": a} for _, q, a in LOGICVISTA_ROWS]
+    rows = [
+        {"question": q, "image": image_struct((70, 56), "gray"), "answer": a} for _, q, a in LOGICVISTA_ROWS
+    ]
     path = os.path.join(root, "lscpku_LogicVista", "data", "test-00000-of-00001.parquet")
     return write_parquet(path, rows, {"image": IMAGE_STRUCT})
 
 
 def write_logicvista_tsv(root: str) -> str:
-    rows = [{"index": str(i), "image": b64_png((70, 56)), "question": q, "answer": a, "skill": "inductive"}
-            for i, (_, q, a) in enumerate(LOGICVISTA_ROWS)]
+    rows = [
+        {"index": str(i), "image": b64_png((70, 56)), "question": q, "answer": a, "skill": "inductive"}
+        for i, (_, q, a) in enumerate(LOGICVISTA_ROWS)
+    ]
     return write_tsv(os.path.join(root, "vlmeval", "LogicVista.tsv"), rows)
 
 
@@ -303,28 +436,53 @@ def write_logicvista_tsv(root: str) -> str:
 
 
 def _dynamath_rows(v: int) -> list[dict]:
-    return [{"id": "1", "question": f"What is the angle in radians? (variant {v})",
-             "image": f"images/{v}_1.png", "decoded_image": image_struct((56, 56 + 28 * (v % 2)), "purple"),
-             "ground_truth": "2.094" if v == 1 else str(v * 0.5), "answer_type": "float", "subject": "algebra",
-             "knowledge_level": "high school"},
-            {"id": "2", "question": f"Is the function continuous at x = {v}? choice: (A) yes (B) no",
-             "image": f"images/{v}_2.png", "decoded_image": image_struct((56, 56), "orange"),
-             "ground_truth": "A", "answer_type": "multiple choice", "subject": "graph", "knowledge_level": "college"}]
+    return [
+        {
+            "id": "1",
+            "question": f"What is the angle in radians? (variant {v})",
+            "image": f"images/{v}_1.png",
+            "decoded_image": image_struct((56, 56 + 28 * (v % 2)), "purple"),
+            "ground_truth": "2.094" if v == 1 else str(v * 0.5),
+            "answer_type": "float",
+            "subject": "algebra",
+            "knowledge_level": "high school",
+        },
+        {
+            "id": "2",
+            "question": f"Is the function continuous at x = {v}? choice: (A) yes (B) no",
+            "image": f"images/{v}_2.png",
+            "decoded_image": image_struct((56, 56), "orange"),
+            "ground_truth": "A",
+            "answer_type": "multiple choice",
+            "subject": "graph",
+            "knowledge_level": "college",
+        },
+    ]
 
 
 def write_dynamath(root: str) -> str:
     folder = os.path.join(root, "DynaMath_Sample", "data")
     for v in range(1, 11):
-        write_parquet(os.path.join(folder, f"sample{v}-00000-of-{v:05d}.parquet"), _dynamath_rows(v),
-                      {"decoded_image": IMAGE_STRUCT})
+        path = os.path.join(folder, f"sample{v}-00000-of-{v:05d}.parquet")
+        write_parquet(path, _dynamath_rows(v), {"decoded_image": IMAGE_STRUCT})
     return os.path.dirname(folder)
 
 
 def write_dynamath_tsv(root: str) -> str:
-    rows = [{"index": str(n), "image": b64_png(), "question": r["question"], "answer": r["ground_truth"],
-             "answer_type": r["answer_type"], "qid": r["id"], "varid": str(v), "subject": r["subject"],
-             "knowledge_level": r["knowledge_level"]}
-            for n, (v, r) in enumerate((v, r) for v in range(1, 11) for r in _dynamath_rows(v))]
+    rows = [
+        {
+            "index": str(n),
+            "image": b64_png(),
+            "question": r["question"],
+            "answer": r["ground_truth"],
+            "answer_type": r["answer_type"],
+            "qid": r["id"],
+            "varid": str(v),
+            "subject": r["subject"],
+            "knowledge_level": r["knowledge_level"],
+        }
+        for n, (v, r) in enumerate((v, r) for v in range(1, 11) for r in _dynamath_rows(v))
+    ]
     return write_tsv(os.path.join(root, "vlmeval", "DynaMath.tsv"), rows)
 
 
@@ -336,9 +494,17 @@ def write_dynamath_tsv(root: str) -> str:
 
 
 def write_aime24(root: str) -> str:
-    rows = [{"id": 60, "problem": "Find the remainder when 2^10 is divided by 1000.", "solution": "...",
-             "answer": "24", "url": "", "year": 2024},
-            {"id": 61, "problem": "Compute 3 + 4.", "solution": "...", "answer": "7", "url": "", "year": 2024}]
+    rows = [
+        {
+            "id": 60,
+            "problem": "Find the remainder when 2^10 is divided by 1000.",
+            "solution": "...",
+            "answer": "24",
+            "url": "",
+            "year": 2024,
+        },
+        {"id": 61, "problem": "Compute 3 + 4.", "solution": "...", "answer": "7", "url": "", "year": 2024},
+    ]
     return write_parquet(os.path.join(root, "aime_2024", "data", "train-00000-of-00001.parquet"), rows)
 
 
@@ -349,21 +515,54 @@ def write_aime25(root: str) -> str:
     return folder
 
 
+MATH500_ITEMS = [
+    ("What is 1/2 as a fraction?", "\\frac{1}{2}"),
+    ("Compute 6 * 7.", "42"),
+    ("Simplify sqrt(8).", "2\\sqrt{2}"),
+    ("Divide 14 by 3.", "\\frac{14}{3}"),
+]
+
+
 def write_math500(root: str) -> str:
-    rows = [{"problem": p, "solution": "...", "answer": a, "subject": "Algebra", "level": 2,
-             "unique_id": f"test/algebra/{i}.json"}
-            for i, (p, a) in enumerate([("What is 1/2 as a fraction?", "\\frac{1}{2}"), ("Compute 6 * 7.", "42"),
-                                        ("Simplify sqrt(8).", "2\\sqrt{2}"), ("Divide 14 by 3.", "\\frac{14}{3}")])]
+    rows = [
+        {
+            "problem": p,
+            "solution": "...",
+            "answer": a,
+            "subject": "Algebra",
+            "level": 2,
+            "unique_id": f"test/algebra/{i}.json",
+        }
+        for i, (p, a) in enumerate(MATH500_ITEMS)
+    ]
     return write_jsonl(os.path.join(root, "MATH-500", "test.jsonl"), rows)
 
 
 GPQA_ROWS = [
-    {"Record ID": "rec1", "Question": "Which particle is charged?", "Correct Answer": "electron",
-     "Incorrect Answer 1": "neutron", "Incorrect Answer 2": "photon", "Incorrect Answer 3": "neutrino"},
-    {"Record ID": "rec2", "Question": "What is 1.50 doubled?", "Correct Answer": "3.00",
-     "Incorrect Answer 1": "1.50", "Incorrect Answer 2": "2.00", "Incorrect Answer 3": "4.50"},
-    {"Record ID": "rec3", "Question": "Noble gas?", "Correct Answer": "argon", "Incorrect Answer 1": "sodium",
-     "Incorrect Answer 2": "iron", "Incorrect Answer 3": "carbon"},
+    {
+        "Record ID": "rec1",
+        "Question": "Which particle is charged?",
+        "Correct Answer": "electron",
+        "Incorrect Answer 1": "neutron",
+        "Incorrect Answer 2": "photon",
+        "Incorrect Answer 3": "neutrino",
+    },
+    {
+        "Record ID": "rec2",
+        "Question": "What is 1.50 doubled?",
+        "Correct Answer": "3.00",
+        "Incorrect Answer 1": "1.50",
+        "Incorrect Answer 2": "2.00",
+        "Incorrect Answer 3": "4.50",
+    },
+    {
+        "Record ID": "rec3",
+        "Question": "Noble gas?",
+        "Correct Answer": "argon",
+        "Incorrect Answer 1": "sodium",
+        "Incorrect Answer 2": "iron",
+        "Incorrect Answer 3": "carbon",
+    },
 ]
 
 
@@ -382,24 +581,38 @@ def write_gpqa(root: str) -> str:
 def write_project(root: str) -> str:
     """Any other label: the project's JSONL records (CONTRACT: Data records)."""
     folder = os.path.join(root, "custom")
-    rows = [{"id": "a", "problem": "What is 3 plus 4?", "answer": "7", "images": [save_image(folder, "a.png")]},
-            {"id": "b", "problem": "Pick the even one.", "answer": "B", "choices": ["3", "4"]}]
+    rows = [
+        {"id": "a", "problem": "What is 3 plus 4?", "answer": "7", "images": [save_image(folder, "a.png")]},
+        {"id": "b", "problem": "Pick the even one.", "answer": "B", "choices": ["3", "4"]},
+    ]
     return write_jsonl(os.path.join(folder, "mm_test.jsonl"), rows)
 
 
 # label -> (writer, items, --split for a folder holding several)
-WRITERS = {"mathverse": (write_mathverse, 5, "testmini"), "mathvision": (write_mathvision, 3, "test"),
-           "mathvista": (write_mathvista, 4, "testmini"), "wemath": (write_wemath, 8, None),
-           "logicvista": (write_logicvista, 4, None), "dynamath": (write_dynamath, 20, None),
-           "aime24": (write_aime24, 2, None), "aime25": (write_aime25, 2, None),
-           "math500": (write_math500, 4, None), "gpqa": (write_gpqa, 3, "gpqa_diamond"),
-           "custom": (write_project, 2, None)}
+WRITERS = {
+    "mathverse": (write_mathverse, 5, "testmini"),
+    "mathvision": (write_mathvision, 3, "test"),
+    "mathvista": (write_mathvista, 4, "testmini"),
+    "wemath": (write_wemath, 8, None),
+    "logicvista": (write_logicvista, 4, None),
+    "dynamath": (write_dynamath, 20, None),
+    "aime24": (write_aime24, 2, None),
+    "aime25": (write_aime25, 2, None),
+    "math500": (write_math500, 4, None),
+    "gpqa": (write_gpqa, 3, "gpqa_diamond"),
+    "custom": (write_project, 2, None),
+}
 
 # other layouts of the same benchmarks: label -> (writer, items)
-OTHER_LAYOUTS = {"mathverse": (write_mathverse_tsv, 4), "mathvista": (write_mathvista_json, 4),
-                 "mathvista_saved": (write_mathvista_saved, 4), "wemath": (write_wemath_tsv, 8),
-                 "logicvista": (write_logicvista_hf, 4), "logicvista_tsv": (write_logicvista_tsv, 4),
-                 "dynamath": (write_dynamath_tsv, 20)}
+OTHER_LAYOUTS = {
+    "mathverse": (write_mathverse_tsv, 4),
+    "mathvista": (write_mathvista_json, 4),
+    "mathvista_saved": (write_mathvista_saved, 4),
+    "wemath": (write_wemath_tsv, 8),
+    "logicvista": (write_logicvista_hf, 4),
+    "logicvista_tsv": (write_logicvista_tsv, 4),
+    "dynamath": (write_dynamath_tsv, 20),
+}
 
 
 def write_all(root: str) -> dict[str, tuple[str, int]]:

@@ -37,7 +37,8 @@ import sampling as S  # noqa: E402
 import sharding as SH  # noqa: E402
 
 N = 4  # completions per prompt
-MM_LEN, TEXT_LENS = 40, (6, 7, 8, 9)  # completion lengths (with the closing <|im_end|>) of the groups' samples
+# completion lengths (with the closing <|im_end|>) of the groups' samples
+MM_LEN, TEXT_LENS = 40, (6, 7, 8, 9)
 # Rewards per group of N: the multimodal group has one outlier (|A| = 1.5 for it, 0.5 for the others); the
 # two text groups split 2/2 (|A| = 0.866 for all). With t_low = 0.6, E = {mm outlier} + 8 text samples;
 # rho = 0.4 of 12 caps PAD at 5 draws, and tau = 0.05 makes the mm outlier the first draw, so PAD keeps the
@@ -73,7 +74,8 @@ def build_samples(tokenizer) -> tuple[list[G.Sample], torch.Generator, list[int]
     times_drawn from PAD with a fixed generator. Returns (samples, the generator after PAD (update() goes on
     with it, as train() does), the PAD picks)."""
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    n_plain = min(tokenizer.convert_tokens_to_ids(t) for t in M.SPECIAL_TOKENS)  # ids below are plain BPE tokens
+    # ids below are plain BPE tokens
+    n_plain = min(tokenizer.convert_tokens_to_ids(t) for t in M.SPECIAL_TOKENS)
     g = torch.Generator().manual_seed(7)
     samples = []
     for rec, rewards in enumerate(GROUP_REWARDS):
@@ -84,7 +86,9 @@ def build_samples(tokenizer) -> tuple[list[G.Sample], torch.Generator, list[int]
     rewards = torch.tensor(GROUP_REWARDS, dtype=torch.float64)
     adv = grpo.group_advantages(rewards).flatten()
     gen = torch.Generator().manual_seed(PAD_SEED)
-    drawn, _, picks = grpo.pad_select(adv, PAD["mode"], PAD["t_low"], PAD["t_high"], PAD["tau"], PAD["rho"], gen)
+    drawn, _, picks = grpo.pad_select(
+        adv, PAD["mode"], PAD["t_low"], PAD["t_high"], PAD["tau"], PAD["rho"], gen
+    )
     for s, a, k in zip(samples, adv.tolist(), drawn.tolist()):
         s.advantage, s.times_drawn = a, k
     return samples, gen, picks.tolist()
@@ -92,8 +96,9 @@ def build_samples(tokenizer) -> tuple[list[G.Sample], torch.Generator, list[int]
 
 def case_config(name: str, distributed: str) -> G.GRPOConfig:
     overrides, _ = CASES[name]
-    return G.GRPOConfig(model="tiny", seed=0, group_size=N, rollout_batch=len(GROUP_REWARDS), pad_mode=PAD["mode"],
-                        pad_t_low=PAD["t_low"], pad_rho=PAD["rho"], distributed=distributed, **overrides)  # fmt: skip
+    pad = dict(pad_mode=PAD["mode"], pad_t_low=PAD["t_low"], pad_rho=PAD["rho"])
+    sizes = dict(group_size=N, rollout_batch=len(GROUP_REWARDS))
+    return G.GRPOConfig(model="tiny", seed=0, **sizes, **pad, distributed=distributed, **overrides)
 
 
 def run_update(args, d: C.Dist) -> None:
@@ -106,21 +111,25 @@ def run_update(args, d: C.Dist) -> None:
             s.prompt_len = D.prompt_length(records[s.rec], processor, prompt, placement)
         plan = G.plan_updates(samples, cfg, d.world, torch.Generator().set_state(gen.get_state()))
         mine = list(range(len(records)))[d.rank :: d.world]
-        encoded = {r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine}
+        encoded = {
+            r: D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine
+        }
         params = [p for p in policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
         if name == next(iter(CASES)):
             initial = SH.full_state_dict(core)
             if d.main:
                 torch.save(initial, os.path.join(args.out, "initial.pt"))
-        stats = G.update(policy, ref, samples, records, encoded, processor, prompt, placement, cfg, d, beta, gen,
-                         params, opt)  # fmt: skip
+        context = (records, encoded, processor, prompt, placement)
+        stats = G.update(policy, ref, samples, *context, cfg, d, beta, gen, params, opt)
         state = SH.full_state_dict(core)
         if d.main:
             torch.save(state, os.path.join(args.out, f"{name}.pt"))
             with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-                json.dump({"stats": stats, "plan": plan, "picks": picks, "world": d.world,
-                           "wrapped": type(policy).__name__}, f)  # fmt: skip
+                result = dict(
+                    stats=stats, plan=plan, picks=picks, world=d.world, wrapped=type(policy).__name__
+                )
+                json.dump(result, f)
         C.barrier(d)
         del policy, core, ref, opt
 
@@ -129,10 +138,11 @@ def run_update(args, d: C.Dist) -> None:
 # Collective counter
 
 
-COLLECTIVES = ["all_gather_into_tensor", "all_gather_single", "all_gather", "all_gather_object", "all_gather_coalesced",
-               "_all_gather_base", "all_reduce", "all_reduce_coalesced", "reduce_scatter_tensor",
-               "reduce_scatter_single", "reduce_scatter", "_reduce_scatter_base", "broadcast", "broadcast_object_list",
-               "reduce", "gather", "scatter", "all_to_all_single", "all_to_all", "barrier", "send", "recv"]  # fmt: skip
+COLLECTIVES = (
+    "all_gather_into_tensor all_gather_single all_gather all_gather_object all_gather_coalesced _all_gather_base "
+    "all_reduce all_reduce_coalesced reduce_scatter_tensor reduce_scatter_single reduce_scatter _reduce_scatter_base "
+    "broadcast broadcast_object_list reduce gather scatter all_to_all_single all_to_all barrier send recv"
+).split()
 
 
 class CollectiveCounter:
@@ -195,14 +205,20 @@ class CollectiveCounter:
 def run_generate(args, d: C.Dist) -> None:
     """Rank 0 samples from the multimodal prompt, rank 1 from a text one (different image/no-image patterns:
     any collective inside generate would either be counted or hang)."""
-    cfg = G.GRPOConfig(model="tiny", seed=0, group_size=N, rollout_batch=2, max_new_tokens=12, rollout_micro_batch=1)
+    cfg = G.GRPOConfig(
+        model="tiny", seed=0, group_size=N, rollout_batch=2, max_new_tokens=12, rollout_micro_batch=1
+    )
     policy, core, processor, prompt, placement, _ = G.setup_policy(cfg, d)
     assert SH._fsdp_modules(core), "the policy is not sharded"
     records = load_case_records(args.synth)
     mine = [d.rank % len(records)]
     encoded = [D.encode_prompt(records[r], processor, prompt, placement, cfg.max_prompt_len) for r in mine]
-    b = D.collate_sequences(encoded, [[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]],
-                            processor.tokenizer.pad_token_id, core.model.config.image_token_id)  # fmt: skip
+    b = D.collate_sequences(
+        encoded,
+        [[processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]],
+        processor.tokenizer.pad_token_id,
+        core.model.config.image_token_id,
+    )
     seed = G.rollout_seed(cfg.seed, 1, d.rank)
     with CollectiveCounter() as cc:
         cc.phase = "forward_before"  # control: a forward on the sharded model all-gathers
@@ -231,10 +247,15 @@ def run_generate(args, d: C.Dist) -> None:
     plain, _ = M.load_model("tiny", seed=cfg.seed)
     with SH.gathered_for_generation(P.Policy(plain)) as m:
         reference = G.rollout(m, processor, encoded, mine, cfg, seed=seed)
-    out = {"rank": d.rank, "python": dict(cc.python), "dispatch": dict(cc.dispatch),
-           "names": {k: dict(v) for k, v in cc.names.items()},
-           "completions": [s.completion for s in samples], "reference": [s.completion for s in reference],
-           "has_image": bool(encoded[0].pixel_values is not None)}  # fmt: skip
+    out = {
+        "rank": d.rank,
+        "python": dict(cc.python),
+        "dispatch": dict(cc.dispatch),
+        "names": {k: dict(v) for k, v in cc.names.items()},
+        "completions": [s.completion for s in samples],
+        "reference": [s.completion for s in reference],
+        "has_image": bool(encoded[0].pixel_values is not None),
+    }
     with open(os.path.join(args.out, f"generate_rank{d.rank}.json"), "w") as f:
         json.dump(out, f)
     C.barrier(d)
@@ -246,7 +267,7 @@ def main() -> None:
     ap.add_argument("--synth", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--distributed", default="fsdp", choices=["fsdp", "ddp"])
-    ap.add_argument("--cases", default="", help='JSON {name: [GRPOConfig overrides, beta]} replacing CASES')
+    ap.add_argument("--cases", default="", help="JSON {name: [GRPOConfig overrides, beta]} replacing CASES")
     args = ap.parse_args()
     if args.cases:
         CASES.clear()

@@ -52,10 +52,20 @@ def main() -> None:
     buffers_ok = all(torch.isfinite(b).all() for b in policy.buffers())
     largest = max(t.numel() * t.element_size() for t in saved.values())
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"rank": rank, "mode": mode, "base_kb": base, "peak_kb": peak, "shard_bytes": shard_bytes,
-                   "largest_param_bytes": largest, "model_bytes": sum(t.numel() * t.element_size()
-                                                                      for t in saved.values()),
-                   "mismatched": mismatched, "buffers_ok": bool(buffers_ok)}, f)
+        json.dump(
+            {
+                "rank": rank,
+                "mode": mode,
+                "base_kb": base,
+                "peak_kb": peak,
+                "shard_bytes": shard_bytes,
+                "largest_param_bytes": largest,
+                "model_bytes": sum(t.numel() * t.element_size() for t in saved.values()),
+                "mismatched": mismatched,
+                "buffers_ok": bool(buffers_ok),
+            },
+            f,
+        )
     dist.destroy_process_group()
 
 

@@ -29,19 +29,39 @@ def test_seed_spread_rule_on_the_table4_twin():
 
 
 def test_arguments_split_and_every_run_checked_before_anything_starts(tmp_path):
-    mine, theirs = A.split_argv(["--stage", "grpo_mm", "--max_steps", "3", "--vary=pad_mode=paper,off",
-                                 "--hf_generate", "--seeds", "0,1", "--lr=1e-4"])
+    argv = (
+        "--stage grpo_mm --max_steps 3 --vary=pad_mode=paper,off --hf_generate --seeds 0,1 --lr=1e-4".split()
+    )
+    mine, theirs = A.split_argv(argv)
     assert mine == ["--stage", "grpo_mm", "--vary=pad_mode=paper,off", "--seeds", "0,1"]
     assert theirs == ["--max_steps", "3", "--hf_generate", "--lr=1e-4"]
     assert A.parse_pairs("max_steps=3,data=a.jsonl,b.jsonl,lr=1e-4") == [
-        ("max_steps", "3"), ("data", "a.jsonl,b.jsonl"), ("lr", "1e-4")]
-    cfg = A.AblateConfig(model="tiny", bench="mm=x.jsonl", vary="pad_mode=paper,off", seeds=[0, 1],
-                         out_dir=str(tmp_path), set="max_steps=3")
+        ("max_steps", "3"),
+        ("data", "a.jsonl,b.jsonl"),
+        ("lr", "1e-4"),
+    ]
+    cfg = A.AblateConfig(
+        model="tiny",
+        bench="mm=x.jsonl",
+        vary="pad_mode=paper,off",
+        seeds=[0, 1],
+        out_dir=str(tmp_path),
+        set="max_steps=3",
+    )
     key, runs, args = A.plan(cfg, ["--lr=1e-4"])
-    assert key == "pad_mode" and [(r.value, r.seed) for r in runs] == [("paper", 0), ("paper", 1), ("off", 0), ("off", 1)]
-    assert args[runs[3].dir][-4:] == ["--pad_mode=off", "--model=tiny", "--seed=1",
-                                      f"--out_dir={tmp_path}/runs/pad_mode=off/seed1/train"]
-    for bad, msg in ((["--max_stepz=3"], "max_stepz"), (["--lr=fast"], "--lr"), (["--seed=3"], "set by ablate.py")):
+    assert key == "pad_mode"
+    assert [(r.value, r.seed) for r in runs] == [("paper", 0), ("paper", 1), ("off", 0), ("off", 1)]
+    assert args[runs[3].dir][-4:] == [
+        "--pad_mode=off",
+        "--model=tiny",
+        "--seed=1",
+        f"--out_dir={tmp_path}/runs/pad_mode=off/seed1/train",
+    ]
+    for bad, msg in (
+        (["--max_stepz=3"], "max_stepz"),
+        (["--lr=fast"], "--lr"),
+        (["--seed=3"], "set by ablate.py"),
+    ):
         with pytest.raises(C.ConfigError, match=msg):
             A.plan(cfg, bad)
     with pytest.raises(C.ConfigError, match="--vary seed"):
@@ -57,11 +77,12 @@ def _results(run_dir: str) -> dict:
 @pytest.mark.slow
 def test_two_variants_two_seeds_as_a_process_table_from_the_runs_own_results_and_resume(synth_dir, tmp_path):
     out = str(tmp_path / "abl")
-    cmd = [sys.executable, os.path.join(ROOT, "ablate.py"), "--stage", "grpo_mm", "--model", "tiny",
-           "--vary", "pad_mode=paper,off", "--seeds", "0,1", "--out_dir", out, "--parallel", "2", "--threads", "1",
-           "--bench", f"mm={synth_dir}/mm_test.jsonl", "--eval_max_new_tokens", "16",
-           "--data", f"{synth_dir}/mm_train.jsonl", "--set", "max_steps=2,rollout_batch=4,group_size=4",
-           "--max_new_tokens", "16", "--mini_batch=16", "--micro_batch=16", "--save_every=0"]
+    cmd = [sys.executable, os.path.join(ROOT, "ablate.py"), "--stage", "grpo_mm", "--model", "tiny"]
+    cmd += ["--vary", "pad_mode=paper,off", "--seeds", "0,1", "--out_dir", out]
+    cmd += ["--parallel", "2", "--threads", "1"]
+    cmd += ["--bench", f"mm={synth_dir}/mm_test.jsonl", "--eval_max_new_tokens", "16"]
+    cmd += ["--data", f"{synth_dir}/mm_train.jsonl", "--set", "max_steps=2,rollout_batch=4,group_size=4"]
+    cmd += ["--max_new_tokens", "16", "--mini_batch=16", "--micro_batch=16", "--save_every=0"]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "5 to run, 0 finished already" in first.stdout
@@ -81,17 +102,23 @@ def test_two_variants_two_seeds_as_a_process_table_from_the_runs_own_results_and
             accs.append(res["mm"]["accuracy"])
             recorded = json.load(open(os.path.join(run, "train", "final", "revisual.json")))["config"]
             assert (recorded["pad_mode"], recorded["seed"], recorded["max_steps"], recorded["lr"]) == (
-                v["value"], r["seed"], 2, 5e-5)
+                v["value"],
+                r["seed"],
+                2,
+                5e-5,
+            )
             with open(os.path.join(run, "train", "metrics.jsonl")) as f:
                 assert len(f.readlines()) == 2
         st = v["stats"]["mm"]
-        assert st["mean"] == pytest.approx(sum(accs) / 2) and st["range"] == pytest.approx(max(accs) - min(accs))
+        assert st["mean"] == pytest.approx(sum(accs) / 2)
+        assert st["range"] == pytest.approx(max(accs) - min(accs))
         assert f"| {v['value']} | {st['mean']:.3f} | {accs[0]:.3f} | {accs[1]:.3f} | {st['std']:.3f} |" in md
     assert len(summary["comparisons"]) == 1 and summary["comparisons"][0]["text"] in md
     assert "seed spread" in md
     # resumable: a second invocation runs nothing and rewrites the same table
-    stamps = {p: os.path.getmtime(p) for p in (os.path.join(out, "runs", "pad_mode=off", "seed1", "eval", "results.json"),
-                                               os.path.join(out, "runs", "pad_mode=paper", "seed0", "train", "final"))}
+    results = os.path.join(out, "runs", "pad_mode=off", "seed1", "eval", "results.json")
+    final = os.path.join(out, "runs", "pad_mode=paper", "seed0", "train", "final")
+    stamps = {p: os.path.getmtime(p) for p in (results, final)}
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "0 to run, 5 finished already" in second.stdout and "train done" not in second.stdout
@@ -110,8 +137,14 @@ def test_table_plot_and_verdict_from_results_files_on_disk(tmp_path):
         with open(os.path.join(run_dir, name, "results.json"), "w") as f:
             json.dump({k: {"accuracy": v, "n": 500} for k, v in results.items()}, f)
 
-    cfg = A.AblateConfig(model="tiny", bench="mm=a.jsonl,text=b.jsonl", blank="mm", vary="pad_mode=paper,filter,off",
-                         seeds=seeds, out_dir=str(tmp_path))
+    cfg = A.AblateConfig(
+        model="tiny",
+        bench="mm=a.jsonl,text=b.jsonl",
+        blank="mm",
+        vary="pad_mode=paper,filter,off",
+        seeds=seeds,
+        out_dir=str(tmp_path),
+    )
     key, runs, _ = A.plan(cfg, [])
     for run in runs:
         os.makedirs(os.path.join(run.dir, "train", "final"))
@@ -122,15 +155,22 @@ def test_table_plot_and_verdict_from_results_files_on_disk(tmp_path):
     os.remove(os.path.join(runs[-1].dir, "eval", "results.json"))  # off, seed 2 not evaluated yet: left out
     s = A.summarize(cfg, key, runs)
     md = A.markdown(s)
-    assert s["columns"] == ["mm", "text", "mm_blank"] and s["start"] == {"mm": 0.482, "text": 0.704, "mm_blank": 0.088}
+    assert s["columns"] == ["mm", "text", "mm_blank"] and s["start"] == {
+        "mm": 0.482,
+        "text": 0.704,
+        "mm_blank": 0.088,
+    }
     assert "| paper | 0.561 | 0.558 | 0.562 | 0.562 | 0.002 | 0.004 | +7.9 |" in md
     assert "| filter | 0.551 | 0.550 | 0.548 | 0.554 | 0.003 | 0.006 | +6.9 |" in md
     assert "| off | 0.532 | 0.548 | 0.516 | - | 0.023 | 0.032 | +5.0 |" in md  # two seeds so far
     assert "| paper | 0.561 (0.002) | 0.700 (0.000) | 0.081 (0.008) |" in md
     assert [(p["a"], p["b"], p["inside"]) for p in s["comparisons"]] == [
-        ("pad_mode=paper", "pad_mode=filter", False), ("pad_mode=paper", "pad_mode=off", True),
-        ("pad_mode=filter", "pad_mode=off", True)]
-    assert "pad_mode=paper - pad_mode=off: +2.9 points; largest seed range 3.2 points: INSIDE the seed spread" in md
+        ("pad_mode=paper", "pad_mode=filter", False),
+        ("pad_mode=paper", "pad_mode=off", True),
+        ("pad_mode=filter", "pad_mode=off", True),
+    ]
+    line = "pad_mode=paper - pad_mode=off: +2.9 points; largest seed range 3.2 points: INSIDE the seed spread"
+    assert line in md
     A.plot(s, str(tmp_path / "a.png"))
     assert os.path.getsize(tmp_path / "a.png") > 5000
 
@@ -138,12 +178,12 @@ def test_table_plot_and_verdict_from_results_files_on_disk(tmp_path):
 @pytest.mark.slow
 def test_a_failing_run_is_named_with_its_log_and_the_command_exits_non_zero(synth_dir, tmp_path):
     out = str(tmp_path / "abl")
-    cmd = [sys.executable, os.path.join(ROOT, "ablate.py"), "--model=tiny", "--vary=pad_mode=bogus", "--seeds=0",
-           f"--bench=mm={synth_dir}/mm_test.jsonl", "--eval_start=false", f"--out_dir={out}",
-           f"--data={synth_dir}/mm_train.jsonl", "--max_steps=1", "--threads=1"]
+    cmd = [sys.executable, os.path.join(ROOT, "ablate.py"), "--model=tiny", "--vary=pad_mode=bogus"]
+    cmd += ["--seeds=0", f"--bench=mm={synth_dir}/mm_test.jsonl", "--eval_start=false", f"--out_dir={out}"]
+    cmd += [f"--data={synth_dir}/mm_train.jsonl", "--max_steps=1", "--threads=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     log = os.path.join(out, "runs", "pad_mode=bogus", "seed0", "train.log")
     assert r.returncode != 0 and "pad_mode=bogus seed 0: train exited 1" in r.stderr and log in r.stderr
-    assert "--pad_mode must be one of paper, released, filter, off; got 'bogus'" in open(log).read()  # the stage's
-    # own one-line error, kept in the run's log
+    # the stage's own one-line error, kept in the run's log
+    assert "--pad_mode must be one of paper, released, filter, off; got 'bogus'" in open(log).read()
     assert json.load(open(os.path.join(out, "ablation.json")))["variants"][0]["runs"] == []  # nothing counted

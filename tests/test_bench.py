@@ -28,7 +28,9 @@ def hf_distribution(logits: torch.Tensor, temperature: float, top_p: float) -> t
     return torch.softmax(scores, -1)[0]
 
 
-@pytest.mark.parametrize("vocab,temperature,top_p", [(20, 0.7, 0.8), (97, 1.3, 0.5), (64, 1.0, 1.0), (130, 1.0, 0.95)])
+@pytest.mark.parametrize(
+    "vocab,temperature,top_p", [(20, 0.7, 0.8), (97, 1.3, 0.5), (64, 1.0, 1.0), (130, 1.0, 0.95)]
+)
 def test_sampler_matches_hf_distribution(vocab, temperature, top_p):
     g = torch.Generator().manual_seed(vocab)
     logits = torch.randn(vocab, generator=g) * 2
@@ -51,7 +53,9 @@ def test_sampler_full_vocabulary_nucleus():
     ref = hf_distribution(logits, 0.8, 0.9)
     torch.manual_seed(1)
     n = 4000
-    draws = torch.cat([S.sample_tokens(logits[None].expand(500, v).contiguous(), 0.8, 0.9) for _ in range(n // 500)])
+    draws = torch.cat(
+        [S.sample_tokens(logits[None].expand(500, v).contiguous(), 0.8, 0.9) for _ in range(n // 500)]
+    )
     assert bool((ref[draws] > 0).all())
     top = ref.topk(20).indices
     p_top = float(ref[top].sum())
@@ -72,13 +76,18 @@ def test_generate_greedy_matches_hf(tiny, synth_dir):
     enc = _prompts(synth_dir, processor)
     gc = S.generation_config(tok, 0.0, 1.0, 12)
     for n in (1, 3):
-        repeated = D.collate_prompts([e for e in enc for _ in range(n)], tok.pad_token_id, model.config.image_token_id)
+        repeated = D.collate_prompts(
+            [e for e in enc for _ in range(n)], tok.pad_token_id, model.config.image_token_id
+        )
         once = D.collate_prompts(enc, tok.pad_token_id, model.config.image_token_id)
         ref = model.generate(**repeated, generation_config=gc, synced_gpus=False)
         assert torch.equal(S.generate(model, **repeated, generation_config=gc), ref)
         assert torch.equal(S.generate(model, **once, generation_config=gc, num_return_sequences=n), ref)
     text_only = D.collate_prompts([enc[-1], enc[-1]], tok.pad_token_id, model.config.image_token_id)
-    assert torch.equal(S.generate(model, **text_only, generation_config=gc), model.generate(**text_only, generation_config=gc))
+    assert torch.equal(
+        S.generate(model, **text_only, generation_config=gc),
+        model.generate(**text_only, generation_config=gc),
+    )
 
 
 def test_generate_sampling_lengths_and_fallback(tiny, synth_dir):
@@ -104,10 +113,14 @@ def test_generate_sampling_lengths_and_fallback(tiny, synth_dir):
 
 def _grads(policy, batch):
     policy.model.zero_grad()
-    logp, ent = policy(batch["input_ids"], batch["attention_mask"], batch["target_mask"], batch["pixel_values"],
-                       batch["image_grid_thw"], batch["mm_token_type_ids"], with_entropy=True)  # fmt: skip
+    inputs = "input_ids attention_mask target_mask pixel_values image_grid_thw mm_token_type_ids".split()
+    logp, ent = policy(*(batch[k] for k in inputs), with_entropy=True)
     (logp.sum() + 0.3 * ent.sum()).backward()
-    return logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+    return (
+        logp.detach(),
+        ent.detach(),
+        {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None},
+    )
 
 
 @pytest.mark.parametrize("switch", ["dedupe_images", "share_prefix"])
@@ -116,8 +129,12 @@ def test_shared_images_and_prompts_match_plain_forward(synth_dir, switch):
     policy = P.Policy(model)
     enc = _prompts(synth_dir, processor)
     order = [0, 1, 0, 3, 2, 1, 0, 3]  # groups with repeated prompts and images, one text-only prompt
-    batch = D.collate_sequences([enc[i] for i in order], [[5, 6, 7, 8, 9][: 2 + i % 4] for i in range(len(order))],
-                                processor.tokenizer.pad_token_id, model.config.image_token_id)  # fmt: skip
+    batch = D.collate_sequences(
+        [enc[i] for i in order],
+        [[5, 6, 7, 8, 9][: 2 + i % 4] for i in range(len(order))],
+        processor.tokenizer.pad_token_id,
+        model.config.image_token_id,
+    )
     policy.dedupe_images, policy.share_prefix = False, False
     plain = _grads(policy, batch)
     setattr(policy, switch, True)
@@ -131,13 +148,23 @@ def test_shared_images_and_prompts_match_plain_forward(synth_dir, switch):
 def test_gpu_bench_dry_run(tmp_path):
     out = tmp_path / "gpu"
     env = dict(os.environ, PYTHON=sys.executable)
-    r = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--dry-run", str(out)], capture_output=True,
-                       text=True, env=env, timeout=600)  # fmt: skip
+    cmd = ["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--dry-run", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     names = {(row["measurement"], row.get("path")) for row in rows}
-    assert {("env", None), ("bw", None), ("train", None), ("engine", None), ("decode", "hf_generate"), ("decode", "ours_generate"),
-            ("decode", "hf_static_compiled"), ("rollout", None), ("update", None), ("load", None)} <= names, names  # fmt: skip
+    assert {
+        ("env", None),
+        ("bw", None),
+        ("train", None),
+        ("engine", None),
+        ("decode", "hf_generate"),
+        ("decode", "ours_generate"),
+        ("decode", "hf_static_compiled"),
+        ("rollout", None),
+        ("update", None),
+        ("load", None),
+    } <= names, names
     for row in rows:
         if row["measurement"] == "decode":
             assert row["decode_tokens_per_s"] > 0 and row["roofline_step_s"] > 0
@@ -147,9 +174,11 @@ def test_gpu_bench_dry_run(tmp_path):
             assert row["step_s"] > 0 and 0 < row["mfu"] < 1
         if row["measurement"] == "rollout":  # every row ran its forced 16 new tokens
             assert row["generated_tokens"] == row["prompts"] * row["new_tokens"] and row["kv_cache_bytes"] > 0
-        if row["measurement"] == "update":  # on CPU no peak is measured; the prediction exceeds the step's state
+        # on CPU no peak is measured; the prediction exceeds the step's state
+        if row["measurement"] == "update":
             assert row["predicted_forward_backward_bytes"] > row["predicted_step_bytes"] > 0
         if row["measurement"] == "load":  # the host held about one fp32 copy of the checkpoint's weights
             assert row["read_s"] > 0 and 0.25 < row["host_predicted_over_measured"] < 4
     summary = (out / "summary.txt").read_text()
-    assert "stopped" not in summary and "skipped" not in summary, summary  # every measurement within the budget
+    # every measurement within the budget
+    assert "stopped" not in summary and "skipped" not in summary, summary

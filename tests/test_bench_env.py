@@ -16,10 +16,12 @@ pytestmark = pytest.mark.slow  # two virtual environments, ~10 s
 def test_trl_env_from_a_venv_sees_the_running_venvs_packages(tmp_path):
     # The user's venv: the base interpreter's packages (torch, PIL, ...) plus one that only this venv has.
     user = tmp_path / "user-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(user)], check=True)
+    venv = [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(user)]
+    subprocess.run(venv, check=True)
     user_py = str(user / "bin" / "python")
-    purelib = subprocess.run([user_py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    found = subprocess.run([user_py, "-c", where], capture_output=True, text=True, check=True)
+    purelib = found.stdout.strip()
     with open(os.path.join(purelib, "only_in_user_venv.py"), "w") as f:
         f.write("WHERE = 'user venv'\n")
     probe = "import only_in_user_venv, PIL, torch; print(only_in_user_venv.WHERE)"
@@ -27,8 +29,10 @@ def test_trl_env_from_a_venv_sees_the_running_venvs_packages(tmp_path):
 
     # From inside the user's venv, build the benchmark's environment (nothing to install: no network needed).
     trl_env = tmp_path / "trl-env"
-    build = (f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'bench')!r}); import grpo_vs_trl as g; "
-             f"print(g.make_env({str(trl_env)!r}, []))")
+    build = (
+        f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'bench')!r}); import grpo_vs_trl as g; "
+        f"print(g.make_env({str(trl_env)!r}, []))"
+    )
     r = subprocess.run([user_py, "-c", build], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     env_py = r.stdout.strip().splitlines()[-1]
@@ -36,7 +40,7 @@ def test_trl_env_from_a_venv_sees_the_running_venvs_packages(tmp_path):
     r = subprocess.run([env_py, "-c", probe], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "user venv", r.stderr[-2000:]
     # and its own site-packages come first (where TRL is installed)
-    first = subprocess.run([env_py, "-c", "import sys, sysconfig; p = sysconfig.get_paths()['purelib']; "
-                            "print(sys.path.index(p) < sys.path.index(" + repr(purelib) + "))"],
-                           capture_output=True, text=True)
+    order = "import sys, sysconfig; p = sysconfig.get_paths()['purelib']; "
+    order += "print(sys.path.index(p) < sys.path.index(" + repr(purelib) + "))"
+    first = subprocess.run([env_py, "-c", order], capture_output=True, text=True)
     assert first.stdout.strip() == "True", first.stderr

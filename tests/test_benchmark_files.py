@@ -19,7 +19,9 @@ ALL_LAYOUTS = [(label, fn, n, split) for label, (fn, n, split) in F.WRITERS.item
 ALL_LAYOUTS += [(label.split("_")[0], fn, n, None) for label, (fn, n) in F.OTHER_LAYOUTS.items()]
 
 
-@pytest.mark.parametrize("bench,writer,n,split", ALL_LAYOUTS, ids=[f"{b}-{w.__name__}" for b, w, _, _ in ALL_LAYOUTS])
+@pytest.mark.parametrize(
+    "bench,writer,n,split", ALL_LAYOUTS, ids=[f"{b}-{w.__name__}" for b, w, _, _ in ALL_LAYOUTS]
+)
 def test_every_layout_loads_images_ids_answers(tmp_path, bench, writer, n, split):
     recs = B.load_benchmark(bench, writer(str(tmp_path / "data")), str(tmp_path / "cache"), split=split)
     assert len(recs) == n and len({r.id for r in recs}) == n
@@ -49,7 +51,12 @@ def test_logicvista_release_ids_images_and_blank_row(tmp_path):
 def test_dynamath_hf_file_names_and_vlmevalkit_tsv_agree(tmp_path):
     hf = B.load_benchmark("dynamath", F.write_dynamath(str(tmp_path)), str(tmp_path / "c1"))
     tsv = B.load_benchmark("dynamath", F.write_dynamath_tsv(str(tmp_path)), str(tmp_path / "c2"))
-    key = lambda recs: sorted((r.id, r.answer, r.meta["qid"], r.meta["variant"], tuple(r.choices or ())) for r in recs)  # noqa: E731
+
+    def key(recs):
+        return sorted(
+            (r.id, r.answer, r.meta["qid"], r.meta["variant"], tuple(r.choices or ())) for r in recs
+        )
+
     assert key(hf) == key(tsv) and len(hf) == 20
     assert {r.meta["variant"] for r in hf} == set(range(1, 11))
     mc = next(r for r in hf if r.id == "2_v4")
@@ -60,8 +67,8 @@ def test_dynamath_hf_file_names_and_vlmevalkit_tsv_agree(tmp_path):
 def test_dynamath_folder_with_sample_all_reads_the_variants(tmp_path):
     folder = F.write_dynamath(str(tmp_path))
     all_rows = [r for v in range(1, 11) for r in F._dynamath_rows(v)]
-    F.write_parquet(os.path.join(folder, "data", "sample_all-00000-of-00001.parquet"), all_rows,
-                    {"decoded_image": F.IMAGE_STRUCT})
+    sample_all = os.path.join(folder, "data", "sample_all-00000-of-00001.parquet")
+    F.write_parquet(sample_all, all_rows, {"decoded_image": F.IMAGE_STRUCT})
     assert len(B.load_benchmark("dynamath", folder, str(tmp_path / "c"))) == 20
 
 
@@ -72,29 +79,34 @@ def test_vlmevalkit_tsv_image_references_and_wemath_option_columns(tmp_path):
     tsv = B.load_benchmark("wemath", F.write_wemath_tsv(str(tmp_path)), str(tmp_path / "c2"))
     hf = B.load_benchmark("wemath", F.write_wemath(str(tmp_path)), str(tmp_path / "c3"))
     assert [(r.id, r.answer, r.choices, r.meta["group"]) for r in tsv] == [
-        (r.id, r.answer, r.choices, r.meta["group"]) for r in hf]
+        (r.id, r.answer, r.choices, r.meta["group"]) for r in hf
+    ]
 
 
 def test_bad_tsv_image_names_file_row_and_column(tmp_path):
-    path = F.write_tsv(str(tmp_path / "LogicVista.tsv"), [{"index": "0", "image": "not-base64!" * 10,
-                                                           "question": "q", "answer": "A"}])
+    row = {"index": "0", "image": "not-base64!" * 10, "question": "q", "answer": "A"}
+    path = F.write_tsv(str(tmp_path / "LogicVista.tsv"), [row])
     with pytest.raises(D.DataError, match=r"LogicVista.tsv row 0: column 'image': not base64"):
         B.load_benchmark("logicvista", path, str(tmp_path / "c"))
-    path = F.write_tsv(str(tmp_path / "x.tsv"), [{"index": "0", "image": "7", "question": "q", "answer": "A"}])
+    row = {"index": "0", "image": "7", "question": "q", "answer": "A"}
+    path = F.write_tsv(str(tmp_path / "x.tsv"), [row])
     with pytest.raises(D.DataError, match=r"x.tsv row 0: column 'image': '7' names no row"):
         B.load_benchmark("logicvista", path, str(tmp_path / "c"))
 
 
-@pytest.mark.parametrize("bench,writer,names", [
-    ("mathverse", F.write_mathverse, "testmini, testmini_text_only"),
-    ("mathvista", F.write_mathvista, "test, testmini"),
-    ("mathvision", F.write_mathvision, "test, testmini"),
-    ("gpqa", F.write_gpqa, "gpqa_diamond, gpqa_main"),
-])
+@pytest.mark.parametrize(
+    "bench,writer,names",
+    [
+        ("mathverse", F.write_mathverse, "testmini, testmini_text_only"),
+        ("mathvista", F.write_mathvista, "test, testmini"),
+        ("mathvision", F.write_mathvision, "test, testmini"),
+        ("gpqa", F.write_gpqa, "gpqa_diamond, gpqa_main"),
+    ],
+)
 def test_folder_of_several_splits_names_them_and_the_flag(tmp_path, bench, writer, names):
     folder = writer(str(tmp_path))
-    with pytest.raises(D.DataError, match=rf"{bench}: .* holds several splits or configs \({names}\): pick one "
-                                          rf"with --split {bench}="):
+    msg = rf"{bench}: .* holds several splits or configs \({names}\): pick one with --split {bench}="
+    with pytest.raises(D.DataError, match=msg):
         B.load_benchmark(bench, folder, str(tmp_path / "c"))
     with pytest.raises(D.DataError, match=r"has no split 'dev' \(found: "):
         B.load_benchmark(bench, folder, str(tmp_path / "c"), split="dev")
@@ -132,15 +144,20 @@ def test_aime25_configs_i_and_ii_make_one_benchmark(tmp_path):
     assert [(r.id, r.answer) for r in recs] == [("0", "104"), ("1", "9")]
 
 
-@pytest.mark.parametrize("text,options", [
-    ("Find x.\nChoices:\nA:1\nB:3\nC:5\nD:7", ["1", "3", "5", "7"]),
-    ("Is it continuous? choice: (A) yes (B) no", ["yes", "no"]),
-    ("How many? Select answers from A-D. \n A) 10 B) 12 C) 14 D) 16", ["10", "12", "14", "16"]),
-    ("What is the main object?\nOptions: A. teddy bear B. rabbit C. cat D. dog\nAnswer briefly.",
-     ["teddy bear", "rabbit", "cat", "dog"]),
-    ("Which choices in the image (A-D) belong to the green category?", None),
-    ("Point A. is above point C.", None),  # labels not in sequence A, B, ...
-])
+@pytest.mark.parametrize(
+    "text,options",
+    [
+        ("Find x.\nChoices:\nA:1\nB:3\nC:5\nD:7", ["1", "3", "5", "7"]),
+        ("Is it continuous? choice: (A) yes (B) no", ["yes", "no"]),
+        ("How many? Select answers from A-D. \n A) 10 B) 12 C) 14 D) 16", ["10", "12", "14", "16"]),
+        (
+            "What is the main object?\nOptions: A. teddy bear B. rabbit C. cat D. dog\nAnswer briefly.",
+            ["teddy bear", "rabbit", "cat", "dog"],
+        ),
+        ("Which choices in the image (A-D) belong to the green category?", None),
+        ("Point A. is above point C.", None),  # labels not in sequence A, B, ...
+    ],
+)
 def test_options_in_text(text, options):
     assert B.options_in_text(text) == options
 
@@ -150,7 +167,8 @@ def test_datasets_cache_and_save_to_disk_folders_without_datasets(tmp_path):
     cache = tmp_path / "AI4Math___math_vista" / "default" / "0.0.0" / "0123abcd"
     F.write_arrow_stream(str(cache / "math_vista-testmini.arrow"), rows, F._MATHVISTA_TYPES)
     F.write_arrow_stream(str(cache / "math_vista-test-00000-of-00002.arrow"), rows[:1], F._MATHVISTA_TYPES)
-    F.write_arrow_stream(str(cache / "cache-5f2a.arrow"), rows[:2], F._MATHVISTA_TYPES)  # a .map() cache: skipped
+    # a .map() cache: skipped
+    F.write_arrow_stream(str(cache / "cache-5f2a.arrow"), rows[:2], F._MATHVISTA_TYPES)
     (cache / "dataset_info.json").write_text("{}")
     with pytest.raises(D.DataError, match=r"several splits or configs \(test, testmini\)"):
         B.load_benchmark("mathvista", str(tmp_path / "AI4Math___math_vista"), str(tmp_path / "c"))
@@ -166,9 +184,10 @@ def test_datasets_cache_and_save_to_disk_folders_without_datasets(tmp_path):
 
 def test_cli_several_splits_is_one_clear_line(tmp_path):
     folder = F.write_mathverse(str(tmp_path))
-    r = subprocess.run([sys.executable, "eval.py", "--bench", f"mathverse={folder}", "--out_dir", str(tmp_path / "o")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "eval.py", "--bench", f"mathverse={folder}", "--out_dir", str(tmp_path / "o")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: mathverse: {folder} holds several splits or configs (testmini, testmini_text_only): pick one "
-        "with --split mathverse=testmini (or point --bench at its file)")
+        "with --split mathverse=testmini (or point --bench at its file)"
+    )

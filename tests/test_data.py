@@ -33,7 +33,11 @@ GOOD = {"id": "g", "problem": "What is 1 plus 2?", "answer": "3"}
         ({"id": "a", "problem": "p", "answer": "3", "images": [""]}, "images", "list of image paths"),
         ({"id": "a", "problem": "look <|image_pad|>", "answer": "3"}, "problem", "vision special token"),
         ({"id": "a", "problem": "p", "answer": "3", "images": ["missing.png"]}, "images", "not found"),
-        ({"id": "a", "problem": "p", "answer": "3", "images": ["/no/such/dir/q1.png"]}, "images", "not found"),
+        (
+            {"id": "a", "problem": "p", "answer": "3", "images": ["/no/such/dir/q1.png"]},
+            "images",
+            "not found",
+        ),
         ({"id": "a", "problem": "p", "answer": "3", "images": ["/etc/passwd"]}, "images", "cannot decode"),
         ({"id": "a", "problem": "p", "answer": "3", "images": ["corrupt.png"]}, "images", "cannot decode"),
     ],
@@ -59,7 +63,9 @@ def test_image_paths_absolute_relative_to_the_file_or_to_image_dir(tmp_path):
     rows = [dict(GOOD, id="abs", images=[far]), dict(GOOD, id="up", images=["../beside.png"])]
     recs = D.load_records(write_jsonl(data / "d.jsonl", rows))
     assert [r.images for r in recs] == [[far], [beside]]
-    recs = D.load_records(write_jsonl(data / "e.jsonl", [dict(GOOD, images=["q1.png"])]), image_dir=str(elsewhere))
+    recs = D.load_records(
+        write_jsonl(data / "e.jsonl", [dict(GOOD, images=["q1.png"])]), image_dir=str(elsewhere)
+    )
     assert recs[0].images == [far]
     with pytest.raises(D.DataError, match=r"e.jsonl:1: field 'images': image file not found"):
         D.load_records(str(data / "e.jsonl"))  # without image_dir: looked for beside the file
@@ -82,14 +88,18 @@ def test_skip_bad_counts_and_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="data"):
         recs = D.load_records(path, skip_bad=True)
     assert [r.id for r in recs] == ["g", "c"]
-    assert "skipped 2 bad record(s)" in caplog.text and "d.jsonl:2" in caplog.text and "d.jsonl:3" in caplog.text
+    assert (
+        "skipped 2 bad record(s)" in caplog.text and "d.jsonl:2" in caplog.text and "d.jsonl:3" in caplog.text
+    )
 
 
 def test_prompt_over_max_len_is_named(tiny, tmp_path):
     _, p = tiny
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, dict(GOOD, id="long", problem="seven " * 400)])
     recs = D.load_records(path)
-    with pytest.raises(D.DataError, match=r"d.jsonl:2: field 'problem': prompt is \d+ tokens, over max_prompt_len 300"):
+    with pytest.raises(
+        D.DataError, match=r"d.jsonl:2: field 'problem': prompt is \d+ tokens, over max_prompt_len 300"
+    ):
         D.encode_all(recs, p, max_prompt_len=300)
     assert len(D.encode_all(recs, p, max_prompt_len=300, skip_bad=True)) == 1
 
@@ -120,8 +130,12 @@ def test_image_token_count_matches_grid(tiny, tmp_path):
 def test_sft_batch_labels_and_mixed_images(tiny, tmp_path):
     m, p = tiny
     img = make_image(str(tmp_path / "a.png"))
-    recs = [D.Record(id="t", problem="What is 2 plus 2?", answer="4", solution="<think>2+2=4</think> \\boxed{4}"),
-            D.Record(id="i", problem="How many?", answer="1", images=[img], solution="<think>one</think> \\boxed{1}")]
+    recs = [
+        D.Record(id="t", problem="What is 2 plus 2?", answer="4", solution="<think>2+2=4</think> \\boxed{4}"),
+        D.Record(
+            id="i", problem="How many?", answer="1", images=[img], solution="<think>one</think> \\boxed{1}"
+        ),
+    ]
     prompts = [D.encode_prompt(r, p) for r in recs]
     b = D.collate_sft(prompts, p.tokenizer, m.config.image_token_id)
     im_end = p.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -145,12 +159,18 @@ def test_slice_pixel_values_with_0_1_2_images(tiny, tmp_path):
     a = make_image(str(tmp_path / "a.png"), (56, 56), "red")
     b = make_image(str(tmp_path / "b.png"), (84, 112), "green")
     c = make_image(str(tmp_path / "c.png"), (112, 56), "blue")
-    recs = [D.Record(id="0", problem="q0", answer="1"), D.Record(id="1", problem="q1", answer="1", images=[b]),
-            D.Record(id="2", problem="q2", answer="1", images=[a, c]), D.Record(id="3", problem="q3", answer="1"),
-            D.Record(id="4", problem="q4", answer="1", images=[c])]  # fmt: skip
+    recs = [
+        D.Record(id="0", problem="q0", answer="1"),
+        D.Record(id="1", problem="q1", answer="1", images=[b]),
+        D.Record(id="2", problem="q2", answer="1", images=[a, c]),
+        D.Record(id="3", problem="q3", answer="1"),
+        D.Record(id="4", problem="q4", answer="1", images=[c]),
+    ]
     prompts = [D.encode_prompt(r, p) for r in recs]
     batch = D.collate_prompts(prompts, p.tokenizer.pad_token_id, m.config.image_token_id)
-    parts = D.slice_pixel_values(batch["pixel_values"], batch["image_grid_thw"], [len(r.images) for r in recs])
+    parts = D.slice_pixel_values(
+        batch["pixel_values"], batch["image_grid_thw"], [len(r.images) for r in recs]
+    )
     for part, pr in zip(parts, prompts):
         if pr.pixel_values is None:
             assert part.shape[0] == 0
@@ -201,9 +221,11 @@ def test_prompt_length_from_headers_equals_the_encoded_prompt(tiny, tmp_path):
     _, p = tiny
     small = make_image(str(tmp_path / "s.png"), size=(56, 84))
     huge = make_image(str(tmp_path / "h.png"), size=(900, 700))
-    recs = [D.Record(id="t", problem="What is 2 plus 3?", answer="5", source="t:1"),
-            D.Record(id="s", problem="Count.", answer="1", images=[small], source="t:2"),
-            D.Record(id="h", problem="Count.", answer="1", images=[huge, small], source="t:3")]
+    recs = [
+        D.Record(id="t", problem="What is 2 plus 3?", answer="5", source="t:1"),
+        D.Record(id="s", problem="Count.", answer="1", images=[small], source="t:2"),
+        D.Record(id="h", problem="Count.", answer="1", images=[huge, small], source="t:3"),
+    ]
     for bounds in ((0, 0), (28 * 28 * 4, 28 * 28 * 16)):
         proc = copy.deepcopy(p)
         M.set_pixel_bounds(proc, *bounds)
@@ -212,4 +234,6 @@ def test_prompt_length_from_headers_equals_the_encoded_prompt(tiny, tmp_path):
     enc = D.encode_prompt(recs[2], p)
     assert int(enc.image_grid_thw[0].prod()) * 14 * 14 <= 224 * 224  # the tiny processor's max_pixels
     with pytest.raises(D.DataError, match=r"t:9: field 'images': image file not found"):
-        D.prompt_length(D.Record(id="m", problem="x", answer="1", images=[str(tmp_path / "no.png")], source="t:9"), p)
+        D.prompt_length(
+            D.Record(id="m", problem="x", answer="1", images=[str(tmp_path / "no.png")], source="t:9"), p
+        )

@@ -33,8 +33,11 @@ def use_tiny(tiny, monkeypatch):
 
 def _cfg(out_dir, bench: dict, **kw) -> E.EvalConfig:
     spec = ",".join(f"{label}={path}" for label, path in bench.items())
-    return E.EvalConfig(**{"model": "tiny", "bench": spec, "out_dir": str(out_dir), "max_new_tokens": MAX_NEW,
-                           "batch_size": 8, **kw})
+    fields = dict(model="tiny", bench=spec, out_dir=str(out_dir), max_new_tokens=MAX_NEW, batch_size=8)
+    return E.EvalConfig(**{**fields, **kw})
+
+
+PREDICTION_FIELDS = set("bench id sample response answer meta extracted correct truncated".split())
 
 
 def _rows(out_dir) -> list[dict]:
@@ -68,11 +71,11 @@ def test_every_benchmark_loads_and_runs_end_to_end(e2e):
         assert r["n"] == n and len(mine) == n * k, label
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["truncated"] == sum(row["truncated"] for row in mine)
-        assert all(set(row) >= {"bench", "id", "sample", "response", "answer", "meta", "extracted", "correct",
-                                "truncated"} for row in mine)  # fmt: skip
+        assert all(set(row) >= PREDICTION_FIELDS for row in mine)
     assert len({(r["bench"], r["id"], r["sample"]) for r in rows}) == len(rows)
     assert set(results["mathverse"]["per_version"]) == {v for v, *_ in F.MATHVERSE_ROWS}
-    assert {"average_case", "worst_case"} <= set(results["dynamath"]) and results["dynamath"]["questions"] == 2
+    assert {"average_case", "worst_case"} <= set(results["dynamath"])
+    assert results["dynamath"]["questions"] == 2
     assert results["aime24"]["samples"] == 8 and "pass@8" in results["aime24"]
     assert results["wemath"]["four_dim"]["problems"] == 2 and "score_strict" in results["wemath"]
     assert results["logicvista"]["blank_gold"] == 1 and results["logicvista"]["n"] == 4  # v1_382 counted
@@ -101,7 +104,8 @@ def test_aime_samples_differ_and_greedy_benchmarks_take_one(e2e):
 
 
 def test_mathvista_parquet_and_json_agree_gold_is_option_text(tmp_path):
-    a = B.load_benchmark("mathvista", F.write_mathvista(str(tmp_path)), str(tmp_path / "c1"), split="testmini")
+    root = F.write_mathvista(str(tmp_path))
+    a = B.load_benchmark("mathvista", root, str(tmp_path / "c1"), split="testmini")
     b = B.load_benchmark("mathvista", F.write_mathvista_json(str(tmp_path)), str(tmp_path / "c2"))
     c = B.load_benchmark("mathvista", F.write_mathvista_saved(str(tmp_path)), str(tmp_path / "c3"))
     for recs in (a, b, c):
@@ -119,7 +123,12 @@ def test_wemath_one_string_options_and_group_ids(tmp_path):
     recs = B.load_benchmark("wemath", F.write_wemath(str(tmp_path)), str(tmp_path / "c"))
     assert [r.id for r in recs] == [f"{i}_{k}" for i, k, _, _ in F.WEMATH_ITEMS]
     assert recs[0].choices == ["3", "4", "5", "6"] and recs[7].choices == ["30°", "60°"]
-    assert recs[2].meta == {"group": "1", "key": "2steps_multi", "knowledge concept": "Area", "options_in_problem": True}
+    assert recs[2].meta == {
+        "group": "1",
+        "key": "2steps_multi",
+        "knowledge concept": "Area",
+        "options_in_problem": True,
+    }
     assert recs[0].problem == "Step 2steps_1?\nA. 3;B. 4;C. 5;D. 6"  # lmms-eval: question + "\n" + option
     assert B._wemath_options("A. x; y;B. (B) z", "w") == ["x; y", "(B) z"]
     with pytest.raises(D.DataError, match="column 'option'"):
@@ -130,10 +139,11 @@ def test_dynamath_folder_of_variants(tmp_path):
     recs = B.load_benchmark("dynamath", F.write_dynamath(str(tmp_path)), str(tmp_path / "c"))
     assert len(recs) == 20 and recs[0].id == "1_v1" and recs[-1].id == "2_v10"
     assert recs[-1].meta["variant"] == 10 and recs[-1].meta["qid"] == "2" and recs[0].answer == "2.094"
-    one = B.load_benchmark("dynamath", os.path.join(tmp_path, "DynaMath_Sample", "data", "sample3-00000-of-00003.parquet"),
-                           str(tmp_path / "c1"))
+    sample3 = os.path.join(tmp_path, "DynaMath_Sample", "data", "sample3-00000-of-00003.parquet")
+    one = B.load_benchmark("dynamath", sample3, str(tmp_path / "c1"))
     assert [r.id for r in one] == ["1_v3", "2_v3"]  # a single variant file keeps its variant
-    bad = F.write_parquet(str(tmp_path / "dyn" / "test.parquet"), F._dynamath_rows(1), {"decoded_image": F.IMAGE_STRUCT})
+    types = {"decoded_image": F.IMAGE_STRUCT}
+    bad = F.write_parquet(str(tmp_path / "dyn" / "test.parquet"), F._dynamath_rows(1), types)
     with pytest.raises(D.DataError, match="no variant"):
         B.load_benchmark("dynamath", bad, str(tmp_path))
 
@@ -152,7 +162,8 @@ def test_gpqa_shuffle_is_fixed_and_gold_is_the_letter(tmp_path):
     a = B.load_benchmark("gpqa", path, str(tmp_path), seed=0)
     b = B.load_benchmark("gpqa", path, str(tmp_path), seed=0)
     c = B.load_benchmark("gpqa", path, str(tmp_path), seed=1)
-    assert [r.choices for r in a] == [r.choices for r in b] and [r.choices for r in a] != [r.choices for r in c]
+    assert [r.choices for r in a] == [r.choices for r in b]
+    assert [r.choices for r in a] != [r.choices for r in c]
     for rec, row in zip(a, F.GPQA_ROWS):
         assert rec.choices[ord(rec.answer) - 65] == row["Correct Answer"]
         assert sorted(rec.choices) == sorted(v for k, v in row.items() if "Answer" in k)
@@ -161,9 +172,11 @@ def test_gpqa_shuffle_is_fixed_and_gold_is_the_letter(tmp_path):
 
 def test_aime_math500_logicvista_columns(tmp_path):
     a25 = B.load_benchmark("aime25", F.write_aime25(str(tmp_path)), str(tmp_path))
-    assert [(r.id, r.problem, r.answer) for r in a25] == [("0", "Compute 100 + 4.", "104"), ("1", "Compute 5 + 4.", "9")]
+    want = [("0", "Compute 100 + 4.", "104"), ("1", "Compute 5 + 4.", "9")]
+    assert [(r.id, r.problem, r.answer) for r in a25] == want
     m5 = B.load_benchmark("math500", F.write_math500(str(tmp_path)), str(tmp_path), limit=2)
-    assert [r.id for r in m5] == ["test/algebra/0.json", "test/algebra/1.json"] and m5[0].answer == "\\frac{1}{2}"
+    assert [r.id for r in m5] == ["test/algebra/0.json", "test/algebra/1.json"]
+    assert m5[0].answer == "\\frac{1}{2}"
     lv = F.write_jsonl(str(tmp_path / "lv" / "t.jsonl"), [{"id": 1, "question": "q", "answer": "a, c"}])
     assert B.load_benchmark("logicvista", lv, str(tmp_path))[0].answer == "A, C"
 
@@ -188,7 +201,9 @@ def test_missing_column_names_bench_row_and_column(tmp_path):
     for r in rows:
         del r["question"], r["query"]
     path = F.write_parquet(str(tmp_path / "mv.parquet"), rows, {"decoded_image": F.IMAGE_STRUCT})
-    with pytest.raises(D.DataError, match=r"mathvista: .*mv.parquet row 0: column 'query' or 'question' is missing"):
+    with pytest.raises(
+        D.DataError, match=r"mathvista: .*mv.parquet row 0: column 'query' or 'question' is missing"
+    ):
         B.load_benchmark("mathvista", path, str(tmp_path))
     aime = F.write_jsonl(str(tmp_path / "a.jsonl"), [{"prompt": "x", "answer": "1"}])
     with pytest.raises(D.DataError, match="column 'problem' or 'question' is missing"):
@@ -199,21 +214,24 @@ def test_undecodable_image_bytes_name_row_and_column(tmp_path):
     rows = [dict(r, decoded_image=F.image_struct()) for r in F.MATHVISTA_ROWS]
     rows[1]["decoded_image"] = {"bytes": b"\x89PNG not really", "path": "2.png"}
     path = F.write_parquet(str(tmp_path / "mv.parquet"), rows, {"decoded_image": F.IMAGE_STRUCT})
-    with pytest.raises(D.DataError, match=r"mathvista: .* row 1: column 'decoded_image': cannot decode image"):
+    with pytest.raises(
+        D.DataError, match=r"mathvista: .* row 1: column 'decoded_image': cannot decode image"
+    ):
         B.load_benchmark("mathvista", path, str(tmp_path / "c"))
 
 
 def test_cli_bad_input_exits_with_one_line_and_help_lists_fields(tmp_path):
     path = F.write_mathvista(str(tmp_path))
-    r = subprocess.run([sys.executable, "eval.py", "--bench", f"foo={path}", "--out_dir", str(tmp_path / "o")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    cmd = [sys.executable, "eval.py", "--bench", f"foo={path}", "--out_dir", str(tmp_path / "o")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
-    assert r.stderr.strip().splitlines()[-1].startswith("error: foo: unknown benchmark name"), r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: foo: unknown benchmark name"), r.stderr[-2000:]
     cfg = parse_config(E.EvalConfig, ["--blank_images", "--bench", "a=b.jsonl", "--samples", "4"])
     assert cfg.blank_images and cfg.bench == "a=b.jsonl" and cfg.samples == 4  # a bare flag, as in CONTRACT
     text = config_help(E.EvalConfig)
-    assert all(f"--{name}" in text for name in ("samples", "blank_images", "score_only", "limit", "max_prompt_len",
-                                                "split"))
+    names = ("samples", "blank_images", "score_only", "limit", "max_prompt_len", "split")
+    assert all(f"--{name}" in text for name in names)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,7 +245,9 @@ def _pred(bench, rid, response, answer, sample=0, **kw):
 SCORED = [
     # MathVista: gold is the option text; a letter or the text grade; floats rounded to `precision`
     _pred("mathvista", "1", "\\boxed{A}", "4.5", choices=["4.5", "3", "7"], meta={"answer_type": "text"}),
-    _pred("mathvista", "2", "so \\boxed{4.5}", "4.5", choices=["4.5", "3", "7"], meta={"answer_type": "text"}),
+    _pred(
+        "mathvista", "2", "so \\boxed{4.5}", "4.5", choices=["4.5", "3", "7"], meta={"answer_type": "text"}
+    ),
     _pred("mathvista", "3", "\\boxed{B}", "4.5", choices=["4.5", "3", "7"], meta={"answer_type": "text"}),
     _pred("mathvista", "4", "\\boxed{1.4512}", "1.45", meta={"answer_type": "float", "precision": 2}),
     _pred("mathvista", "5", "\\boxed{1.46}", "1.45", meta={"answer_type": "float", "precision": 2}),
@@ -256,16 +276,25 @@ SCORED = [
     _pred("mathverse", "1", "\\boxed{B}", "B", meta={"problem_version": "Text Lite"}),
     _pred("mathverse", "2", "\\boxed{3}", "3", meta={"problem_version": "Text Dominant"}),
     _pred("mathverse", "3", "\\boxed{4}", "3", meta={"problem_version": "Text Dominant"}),
-    # WeMath: a two-step group with both steps right and the composite wrong (inadequate generalization)
-    _pred("wemath", "1_2steps_1", "\\boxed{A}", "A", choices=["3", "4"], meta={"group": "1", "key": "2steps_1"}),
-    _pred("wemath", "1_2steps_2", "\\boxed{4}", "B", choices=["3", "4"], meta={"group": "1", "key": "2steps_2"}),
-    _pred("wemath", "1_2steps_multi", "\\boxed{A}", "B", choices=["3", "4"], meta={"group": "1", "key": "2steps_multi"}),
-]  # fmt: skip
+]
+# WeMath: a two-step group with both steps right and the composite wrong (inadequate generalization)
+SCORED += [
+    _pred("wemath", f"1_{key}", response, gold, choices=["3", "4"], meta={"group": "1", "key": key})
+    for key, response, gold in [
+        ("2steps_1", "\\boxed{A}", "A"),
+        ("2steps_2", "\\boxed{4}", "B"),
+        ("2steps_multi", "\\boxed{A}", "B"),
+    ]
+]
 # AIME: K = 4 samples per item; leading zeros; near misses; no stated answer
-SCORED += [_pred("aime24", "7", r, "7", sample=s) for s, r in
-           enumerate(["\\boxed{007}", "\\boxed{70}", "\\boxed{7.5}", "I think it is 7 or so"])]  # fmt: skip
-SCORED += [_pred("aime24", "24", r, "24", sample=s) for s, r in
-           enumerate(["\\boxed{240}", "\\boxed{23}", "\\boxed{24.1}", "\\boxed{2 4 0}"])]  # fmt: skip
+SCORED += [
+    _pred("aime24", "7", r, "7", sample=s)
+    for s, r in enumerate(["\\boxed{007}", "\\boxed{70}", "\\boxed{7.5}", "I think it is 7 or so"])
+]
+SCORED += [
+    _pred("aime24", "24", r, "24", sample=s)
+    for s, r in enumerate(["\\boxed{240}", "\\boxed{23}", "\\boxed{24.1}", "\\boxed{2 4 0}"])
+]
 
 
 def test_score_only_reproduces_known_accuracies(tmp_path):
@@ -278,8 +307,10 @@ def test_score_only_reproduces_known_accuracies(tmp_path):
     assert res["gpqa"]["accuracy"] == 2 / 3
     assert res["dynamath"]["accuracy"] == 3 / 4 and res["dynamath"]["worst_case"] == 1 / 2
     assert res["mathverse"]["accuracy"] == 2 / 3
-    assert res["mathverse"]["per_version"] == {"Text Dominant": {"accuracy": 0.5, "n": 2},
-                                               "Text Lite": {"accuracy": 1.0, "n": 1}}  # fmt: skip
+    assert res["mathverse"]["per_version"] == {
+        "Text Dominant": {"accuracy": 0.5, "n": 2},
+        "Text Lite": {"accuracy": 1.0, "n": 1},
+    }
     assert res["wemath"]["accuracy"] == 2 / 3 and res["wemath"]["four_dim"]["IG"] == 1.0
     assert res["aime24"] == {"accuracy": (1 / 4 + 0) / 2, "n": 2, "truncated": 0, "samples": 4, "pass@4": 0.5}
     assert json.load(open(tmp_path / "o" / "results.json")) == res
@@ -291,7 +322,8 @@ def test_score_only_reproduces_known_accuracies(tmp_path):
 def test_paper_numbers_only_for_complete_benchmarks(tmp_path):
     for n, shown in ((30, True), (29, False)):
         src = tmp_path / f"p{n}.jsonl"
-        F.write_jsonl(str(src), [_pred("aime24", str(i), "\\boxed{1}", "1", sample=s) for i in range(n) for s in range(2)])
+        rows = [_pred("aime24", str(i), "\\boxed{1}", "1", sample=s) for i in range(n) for s in range(2)]
+        F.write_jsonl(str(src), rows)
         E.main(E.EvalConfig(score_only=str(src), out_dir=str(tmp_path / f"o{n}")))
         assert ("53.3" in open(tmp_path / f"o{n}" / "results.md").read()) == shown
 
@@ -367,8 +399,9 @@ def test_every_generate_call_gets_a_complete_config(tiny, monkeypatch):
 
     monkeypatch.setattr(m, "generate", spy)
     rec = D.Record(id="q", problem="What is 3 plus 4?", answer="7")
-    res = E.evaluate_records(m, p, [rec], max_new_tokens=MAX_NEW, batch_size=4, samples=4, temperature=1.0,
-                             top_p=0.95)  # fmt: skip
+    res = E.evaluate_records(
+        m, p, [rec], max_new_tokens=MAX_NEW, batch_size=4, samples=4, temperature=1.0, top_p=0.95
+    )
     assert len({r["response"] for r in res["responses"]}) > 1  # the trap's top_k=1 would make them identical
     E.evaluate_records(m, p, [rec], max_new_tokens=MAX_NEW, batch_size=4)
     vision = set(S.vision_special_ids(p.tokenizer))
@@ -376,7 +409,9 @@ def test_every_generate_call_gets_a_complete_config(tiny, monkeypatch):
     for (kw, new), sampled in zip(seen, (True, False)):
         gc = kw["generation_config"]
         assert gc.do_sample == sampled and gc.top_k == 0 and gc.repetition_penalty == 1.0
-        assert gc.temperature == 1.0 and gc.top_p == (0.95 if sampled else 1.0) and gc.max_new_tokens == MAX_NEW
+        assert (
+            gc.temperature == 1.0 and gc.top_p == (0.95 if sampled else 1.0) and gc.max_new_tokens == MAX_NEW
+        )
         assert set(gc.eos_token_id) == eos and gc.pad_token_id == p.tokenizer.pad_token_id
         assert set(gc.suppress_tokens) == vision and not vision & set(new.flatten().tolist())
         assert kw["synced_gpus"] is False
@@ -401,8 +436,10 @@ def test_batches_sorted_by_length_and_same_for_any_world_size():
 def test_prompt_length_matches_encode_prompt(tiny, tmp_path):
     m, p = tiny
     imgs = [make_image(str(tmp_path / "a.png"), (56, 84)), make_image(str(tmp_path / "b.png"), (140, 56))]
-    for rec in (D.Record(id="1", problem="Add them.", answer="1", images=imgs),
-                D.Record(id="2", problem="Which?", answer="A", choices=["x", "y"])):  # fmt: skip
+    for rec in (
+        D.Record(id="1", problem="Add them.", answer="1", images=imgs),
+        D.Record(id="2", problem="Which?", answer="A", choices=["x", "y"]),
+    ):
         for placement in ("system", "user"):
             n = len(D.encode_prompt(rec, p, D.REASONING_PROMPT, placement).input_ids)
             assert D.prompt_length(rec, p, D.REASONING_PROMPT, placement) == n
@@ -424,22 +461,25 @@ def test_blank_images_keep_sizes(tiny, tmp_path):
 def test_evaluate_records_for_in_loop_validation(tiny, tmp_path):
     m, p = tiny
     img = make_image(str(tmp_path / "a.png"))
-    recs = [D.Record(id="1", problem="How many shapes?", answer="3", images=[img], source="t:1"),
-            D.Record(id="2", problem="What is 3 plus 4?", answer="7", source="t:2"),
-            D.Record(id="3", problem="Pick one.", answer="A", choices=["x", "y"], source="t:3")]  # fmt: skip
+    recs = [
+        D.Record(id="1", problem="How many shapes?", answer="3", images=[img], source="t:1"),
+        D.Record(id="2", problem="What is 3 plus 4?", answer="7", source="t:2"),
+        D.Record(id="3", problem="Pick one.", answer="A", choices=["x", "y"], source="t:3"),
+    ]
     policy = P.Policy(m)
     policy.train()
     try:
-        res = E.evaluate_records(policy, p, recs, prompt=D.REASONING_PROMPT, placement="user",
-                                 max_new_tokens=MAX_NEW, batch_size=2, dist=None, temperature=0.0)  # fmt: skip
+        kw = dict(prompt=D.REASONING_PROMPT, placement="user", max_new_tokens=MAX_NEW)
+        res = E.evaluate_records(policy, p, recs, **kw, batch_size=2, dist=None, temperature=0.0)
         assert policy.training  # gathered_for_generation restores the mode
     finally:
         m.eval()
     assert {"accuracy", "format", "resp_len", "truncated", "n", "responses"} <= set(res)
     assert res["n"] == 3 and len(res["responses"]) == 3 and 1 <= res["resp_len"] <= MAX_NEW
     assert 0.0 <= res["format"] <= 1.0 and res["truncated"] == sum(r["truncated"] for r in res["responses"])
-    again = E.evaluate_records(m, p, recs, prompt=D.REASONING_PROMPT, placement="user", max_new_tokens=MAX_NEW,
-                               batch_size=3)  # fmt: skip
+    again = E.evaluate_records(
+        m, p, recs, prompt=D.REASONING_PROMPT, placement="user", max_new_tokens=MAX_NEW, batch_size=3
+    )
     assert [r["response"] for r in again["responses"]] == [r["response"] for r in res["responses"]]
 
 
@@ -452,11 +492,16 @@ def _train_tiny(out_dir: str, steps: int = 50) -> None:
     has clear winners instead of a random model's near-ties."""
     torch.manual_seed(0)
     m, p = M.load_model("tiny", seed=0)
-    recs = [D.Record(id=str(i), problem=f"What is {a} plus {b}?", answer=str(a + b),
-                     solution=f"<think>{a} + {b} = {a + b}.</think> The answer is \\boxed{{{a + b}}}.")
-            for i, (a, b) in enumerate([(3, 4), (2, 5), (6, 1), (8, 3), (5, 5), (9, 2), (7, 7), (4, 1)])]  # fmt: skip
+    pairs = [(3, 4), (2, 5), (6, 1), (8, 3), (5, 5), (9, 2), (7, 7), (4, 1)]
+    recs = []
+    for i, (a, b) in enumerate(pairs):
+        solution = f"<think>{a} + {b} = {a + b}.</think> The answer is \\boxed{{{a + b}}}."
+        recs.append(
+            D.Record(id=str(i), problem=f"What is {a} plus {b}?", answer=str(a + b), solution=solution)
+        )
     batch = D.collate_sft([D.encode_prompt(r, p) for r in recs], p.tokenizer, m.config.image_token_id)
-    batch = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "mm_token_type_ids")}
+    keep = ("input_ids", "attention_mask", "labels", "mm_token_type_ids")
+    batch = {k: v for k, v in batch.items() if k in keep}
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     m.train()
     for _ in range(steps):
@@ -480,30 +525,41 @@ def trained_tiny(request, tmp_path) -> str:
 @pytest.mark.slow
 def test_torchrun_two_ranks_give_the_same_greedy_predictions(trained_tiny, tmp_path):
     ckpt = trained_tiny
-    paths = {"math500": F.write_math500(str(tmp_path)), "mathvista": F.write_mathvista(str(tmp_path)),
-             "custom": F.write_project(str(tmp_path))}  # fmt: skip
-    args = ["eval.py", "--model", ckpt, "--bench", ",".join(f"{k}={v}" for k, v in paths.items()),
-            "--max_new_tokens", "24", "--batch_size", "2", "--split", "mathvista=testmini"]  # fmt: skip
+    paths = {
+        "math500": F.write_math500(str(tmp_path)),
+        "mathvista": F.write_mathvista(str(tmp_path)),
+        "custom": F.write_project(str(tmp_path)),
+    }
+    bench = ",".join(f"{k}={v}" for k, v in paths.items())
+    args = ["eval.py", "--model", ckpt, "--bench", bench, "--max_new_tokens", "24", "--batch_size", "2"]
+    args += ["--split", "mathvista=testmini"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     outs = {}
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])):  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    for name, launcher in (("one", [sys.executable]), ("two", torchrun)):
         out = str(tmp_path / name)
-        r = subprocess.run(launcher + args + ["--out_dir", out], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)  # fmt: skip
+        cmd = launcher + args + ["--out_dir", out]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         outs[name] = {(x["bench"], x["id"], x["sample"]): x for x in _rows(out)}
     assert len(outs["one"]) == 10 and outs["one"].keys() == outs["two"].keys()
     for key, row in outs["one"].items():
         assert outs["two"][key]["response"] == row["response"], key
     assert any(not r["truncated"] for r in outs["one"].values())  # the trained model stops on its own
-    assert json.load(open(tmp_path / "one" / "results.json")) == json.load(open(tmp_path / "two" / "results.json"))
+    one, two = (json.load(open(tmp_path / name / "results.json")) for name in ("one", "two"))
+    assert one == two
 
 
 def test_split_flag_for_every_or_one_benchmark():
-    assert E.parse_split("testmini", ["mathverse", "mathvista"]) == {"mathverse": "testmini", "mathvista": "testmini"}
+    assert E.parse_split("testmini", ["mathverse", "mathvista"]) == {
+        "mathverse": "testmini",
+        "mathvista": "testmini",
+    }
     assert E.parse_split("gpqa=gpqa_diamond,mathvista=testmini", ["gpqa", "mathvista", "x"]) == {
-        "gpqa": "gpqa_diamond", "mathvista": "testmini"}
+        "gpqa": "gpqa_diamond",
+        "mathvista": "testmini",
+    }
     assert E.parse_split(None, ["gpqa"]) == {}
-    with pytest.raises(E.ConfigError, match=r"--split: expected LABEL=NAME with LABEL one of \['gpqa'\], got 'gqpa=x'"):
+    msg = r"--split: expected LABEL=NAME with LABEL one of \['gpqa'\], got 'gqpa=x'"
+    with pytest.raises(E.ConfigError, match=msg):
         E.parse_split("gqpa=x", ["gpqa"])

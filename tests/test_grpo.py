@@ -122,16 +122,19 @@ def test_pad_tau_linear_schedule():
 )
 def test_policy_loss_by_hand(adv, ratio, expect, clipped):
     logp = torch.tensor([[math.log(ratio)]])
-    loss, was_clipped = grpo.policy_loss(logp, torch.zeros(1, 1), torch.tensor([adv]), torch.ones(1, 1), 0.2, 0.25,
-                                      3.0, math.log(1e3))  # fmt: skip
+    loss, was_clipped = grpo.policy_loss(
+        logp, torch.zeros(1, 1), torch.tensor([adv]), torch.ones(1, 1), 0.2, 0.25, 3.0, math.log(1e3)
+    )
     assert loss.item() == pytest.approx(expect, rel=1e-5)
     assert bool(was_clipped.item()) == clipped
 
 
 def test_policy_loss_masks_and_logratio_clamp():
     logp = torch.tensor([[20.0, 0.0]])  # ratio e^20 clamps to 1e3
-    loss, _ = grpo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([-1.0]), torch.tensor([[1.0, 0.0]]), 0.2, 0.25,
-                            0.0, math.log(1e3))  # fmt: skip
+    mask = torch.tensor([[1.0, 0.0]])
+    loss, _ = grpo.policy_loss(
+        logp, torch.zeros(1, 2), torch.tensor([-1.0]), mask, 0.2, 0.25, 0.0, math.log(1e3)
+    )
     assert loss[0, 0].item() == pytest.approx(1e3, rel=1e-4)  # no dual clip: -A * 1e3
     assert loss[0, 1].item() == 0.0
 
@@ -190,10 +193,12 @@ def test_loss_and_gradient_match_per_token_reference():
     mask[2, 5] = 0
     args = dict(kl_coef=0.01, beta=0.02)
     pg, _ = grpo.policy_loss(logp, old, adv, mask, 0.2, 0.25, 3.0, math.log(1e3))
-    ours = (pg + args["kl_coef"] * grpo.kl_k3(logp, ref) * mask - args["beta"] * ent * mask).sum() / mask.sum()
+    per_token = pg + args["kl_coef"] * grpo.kl_k3(logp, ref) * mask - args["beta"] * ent * mask
+    ours = per_token.sum() / mask.sum()
     g_ours = torch.autograd.grad(ours, (logp, ent))
-    theirs = reference_loss(logp, old, ref, ent, adv, mask, eps_low=0.2, eps_high=0.25, c=3.0, clamp=math.log(1e3),
-                            **args)  # fmt: skip
+    theirs = reference_loss(
+        logp, old, ref, ent, adv, mask, eps_low=0.2, eps_high=0.25, c=3.0, clamp=math.log(1e3), **args
+    )
     g_ref = torch.autograd.grad(theirs, (logp, ent))
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
     for a, b in zip(g_ours, g_ref):
@@ -206,7 +211,9 @@ def test_small_case_by_hand():
     #   token 2: ratio = e^-0.1 = 0.904837 -> loss -0.904837, d/dlogp = -ratio = -0.904837
     # mean over 2 tokens: (-1.25 - 0.904837) / 2 = -1.077419; gradients (0, -0.452419)
     logp = torch.tensor([[0.5, -0.1]], requires_grad=True)
-    pg, clipped = grpo.policy_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.25, 3.0, 7.0)
+    pg, clipped = grpo.policy_loss(
+        logp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2), 0.2, 0.25, 3.0, 7.0
+    )
     loss = pg.sum() / 2
     loss.backward()
     assert loss.item() == pytest.approx(-1.077419, abs=1e-6)
@@ -229,8 +236,10 @@ def _records(tmp_path):
     from conftest import make_image
 
     img = make_image(str(tmp_path / "a.png"))
-    return [D.Record(id="m", problem="How many circles?", answer="2", images=[img], source="t:1"),
-            D.Record(id="t", problem="What is 2 plus 3?", answer="5", source="t:2")]  # fmt: skip
+    return [
+        D.Record(id="m", problem="How many circles?", answer="2", images=[img], source="t:1"),
+        D.Record(id="t", problem="What is 2 plus 3?", answer="5", source="t:2"),
+    ]
 
 
 @pytest.mark.parametrize("hf_generate", [False, True])
@@ -245,7 +254,9 @@ def test_rollouts_of_a_group_differ_despite_trap_config(tiny, tmp_path, hf_gener
     assert len(samples) == 8
     for g in range(2):
         group = [tuple(s.completion) for s in samples[g * 4 : (g + 1) * 4]]
-        assert len(set(group)) > 1, "all rollouts of a group are identical: the checkpoint's top_k=1 leaked in"
+        assert len(set(group)) > 1, (
+            "all rollouts of a group are identical: the checkpoint's top_k=1 leaked in"
+        )
     # The control: what the checkpoint's own generation config does to a group.
     b = D.collate_prompts([prompts[1]] * 4, p.tokenizer.pad_token_id, m.config.image_token_id)
     plain = m.generate(**b, max_new_tokens=8)
@@ -271,7 +282,8 @@ def test_update_trains_exactly_the_kept_tokens(tiny, tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     samples = []
     for i in range(8):
-        comp = torch.randint(0, 200, (3 + i,), generator=g).tolist() + [p.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        im_end = p.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        comp = torch.randint(0, 200, (3 + i,), generator=g).tolist() + [im_end]
         samples.append(G.Sample(rec=i % 2, completion=comp, text="", truncated=False))
     adv = grpo.group_advantages(torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0.5, 0.5]])).flatten()
     drawn, _, _ = grpo.pad_select(adv, "paper", 0.03, math.inf, 1.0, 0.25, g)
@@ -297,8 +309,9 @@ def test_update_trains_exactly_the_kept_tokens(tiny, tmp_path, monkeypatch):
     before = [q.detach().clone() for q in params]
     from common import Dist
 
-    stats = G.update(policy, None, samples, recs, encoded, p, D.REASONING_PROMPT, "system", cfg, Dist(), 0.02,
-                     torch.Generator().manual_seed(0), params, opt)  # fmt: skip
+    context = (recs, encoded, p, D.REASONING_PROMPT, "system")
+    gen = torch.Generator().manual_seed(0)
+    stats = G.update(policy, None, samples, *context, cfg, Dist(), 0.02, gen, params, opt)
     assert stats["updates"] == 1
     assert seen["forwards"] == 2  # one micro-batch per kept sequence, no old-logprob pass for a single update
     assert seen["targets"] == sum(len(s.completion) for s in kept)
@@ -329,8 +342,12 @@ def test_non_finite_update_is_skipped_and_the_run_goes_on(tiny, tmp_path):
     params = list(policy.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
     cfg = G.GRPOConfig(mini_batch=4, micro_batch=2, entropy_warmup=0, max_bad_steps=2)
-    run = lambda samples, bad: G.update(policy, None, samples, recs, encoded, p, D.REASONING_PROMPT, "system",  # noqa: E731
-                                        cfg, Dist(), 0.0, torch.Generator().manual_seed(0), params, opt, bad)
+    context = (recs, encoded, p, D.REASONING_PROMPT, "system")
+
+    def run(samples, bad):
+        gen = torch.Generator().manual_seed(0)
+        return G.update(policy, None, samples, *context, cfg, Dist(), 0.0, gen, params, opt, bad)
+
     bad = {"streak": 0, "total": 0}
     stats = run(batch(False), bad)  # a first real step, so AdamW has moments to protect
     assert stats["updates"] == 1 and stats["skipped_updates"] == 0
@@ -378,7 +395,9 @@ def test_collective_timeout_is_the_configured_one(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend, t=timeout))
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend, t=timeout)
+    )
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     d = C.init_distributed(device="cpu", timeout_min=G.GRPOConfig().dist_timeout_min)

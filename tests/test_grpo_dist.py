@@ -30,8 +30,8 @@ import grpo_worker as W  # noqa: E402
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    offline = dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return dict(os.environ, OMP_NUM_THREADS="1", **offline, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false")
 
 
 def _free_port() -> int:
@@ -45,10 +45,12 @@ def run_worker(nproc: int, *args: str, timeout: int = 240) -> None:
     if nproc == 0:
         cmd = [sys.executable, WORKER, *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER, *args]  # fmt: skip
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        cmd = [*torchrun, "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), WORKER, *args]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    assert r.returncode == 0, (
+        f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -59,8 +61,11 @@ def run_worker(nproc: int, *args: str, timeout: int = 240) -> None:
 def update_runs(tmp_path_factory, synth_dir):
     """OUT dirs of the update worker: single process, torchrun x2 with FSDP2, torchrun x2 with DDP."""
     out = {}
-    for name, nproc, extra in (("single", 0, []), ("fsdp", 2, ["--distributed", "fsdp"]),
-                               ("ddp", 2, ["--distributed", "ddp"])):  # fmt: skip
+    for name, nproc, extra in (
+        ("single", 0, []),
+        ("fsdp", 2, ["--distributed", "fsdp"]),
+        ("ddp", 2, ["--distributed", "ddp"]),
+    ):
         out[name] = str(tmp_path_factory.mktemp(f"update_{name}"))
         run_worker(nproc, "update", "--synth", synth_dir, "--out", out[name], *extra)
     return out
@@ -91,7 +96,8 @@ def test_fixed_rollouts_pad_drops_some_and_only_rank0_gets_the_image(synth_dir):
         assert len(with_image) == 1, (name, plan)
         rank0 = {i for mb in with_image[0][0] for i in mb}
         rank1 = {i for mb in with_image[0][1] for i in mb}
-        assert rank0 == {0} and rank1 and 0 not in rank1, (name, plan)  # the image alone on rank 0, rank 1 text
+        # the image alone on rank 0, rank 1 text
+        assert rank0 == {0} and rank1 and 0 not in rank1, (name, plan)
         if name == "one_update":
             assert len(plan) == 1 and rank1 == set(kept) - {0}
             assert [] in plan[0][0][0]  # rank 0 is padded with a zero-weight filler
@@ -103,12 +109,14 @@ def _compare_states(got: dict, want: dict, initial: dict, what: str) -> None:
     assert got.keys() == want.keys()
     moved = max((want[k] - initial[k]).abs().max().item() for k in want)
     assert moved > 2e-5, f"{what}: the update hardly moved the weights ({moved})"
-    bad = {k: (got[k] - want[k]).abs().max().item() for k in want
-           if not torch.allclose(got[k], want[k], atol=1e-5, rtol=1e-4)}  # fmt: skip
-    assert not bad, (f"{what}: {len(bad)} of {len(want)} tensors differ from the single-process update "
-                     f"({sum(k.startswith('model.visual.') for k in bad)} of them model.visual.*; largest "
-                     f"update {moved:.2e}); max abs diff per tensor: "
-                     + ", ".join(f"{k} {v:.2e}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:12]))  # fmt: skip
+    close = {k: torch.allclose(got[k], want[k], atol=1e-5, rtol=1e-4) for k in want}
+    bad = {k: (got[k] - want[k]).abs().max().item() for k in want if not close[k]}
+    visual = sum(k.startswith("model.visual.") for k in bad)
+    largest = ", ".join(f"{k} {v:.2e}" for k, v in sorted(bad.items(), key=lambda kv: -kv[1])[:12])
+    assert not bad, (
+        f"{what}: {len(bad)} of {len(want)} tensors differ from the single-process update ({visual} of them "
+        f"model.visual.*; largest update {moved:.2e}); max abs diff per tensor: {largest}"
+    )
 
 
 def _compare_stats(got: dict, want: dict, what: str) -> None:
@@ -131,16 +139,24 @@ def test_two_process_update_equals_single_process(update_runs, backend, case):
     assert not any(0 in mb for micro, _ in got_meta["plan"] for mb in micro[1])  # the image only on rank 0
     initial = torch.load(os.path.join(single, "initial.pt"))
     assert all(torch.equal(initial[k], v) for k, v in torch.load(os.path.join(multi, "initial.pt")).items())
-    _compare_states(torch.load(os.path.join(multi, f"{case}.pt")), torch.load(os.path.join(single, f"{case}.pt")),
-                    initial, f"{backend}/{case}")  # fmt: skip
+    _compare_states(
+        torch.load(os.path.join(multi, f"{case}.pt")),
+        torch.load(os.path.join(single, f"{case}.pt")),
+        initial,
+        f"{backend}/{case}",
+    )
     _compare_stats(got_meta["stats"], want_meta["stats"], f"{backend}/{case}")
 
 
 def test_fsdp_and_ddp_updates_agree(update_runs):
     initial = torch.load(os.path.join(update_runs["single"], "initial.pt"))
     for case in W.CASES:
-        _compare_states(torch.load(os.path.join(update_runs["ddp"], f"{case}.pt")),
-                        torch.load(os.path.join(update_runs["fsdp"], f"{case}.pt")), initial, f"ddp vs fsdp/{case}")  # fmt: skip
+        _compare_states(
+            torch.load(os.path.join(update_runs["ddp"], f"{case}.pt")),
+            torch.load(os.path.join(update_runs["fsdp"], f"{case}.pt")),
+            initial,
+            f"ddp vs fsdp/{case}",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,18 +176,21 @@ def test_no_collective_inside_generate_on_sharded_model(tmp_path, synth_dir):
             assert counts.get("generate", 0) == 0, (rank, r["names"].get("generate"))
             assert counts.get("enter", 0) > 0, (rank, r["names"])  # the counter works: unshard all-gathers
             assert counts.get("forward_before", 0) > 0 and counts.get("forward_after", 0) > 0, r["names"]
-            assert counts.get("generate_synced_control", 0) > 0, r["names"]  # and sees a collective in generate
-        assert r["names"]["enter"].get("all_gather_single", 0) > 0  # where FSDP2 looks it up: dist.all_gather_single
-        assert r["completions"] == r["reference"]  # the gathered weights sample what the unsharded model samples
+            # and sees a collective in generate
+            assert counts.get("generate_synced_control", 0) > 0, r["names"]
+        # where FSDP2 looks it up: dist.all_gather_single
+        assert r["names"]["enter"].get("all_gather_single", 0) > 0
+        # the gathered weights sample what the unsharded model samples
+        assert r["completions"] == r["reference"]
         assert len(r["completions"]) == W.N and all(r["completions"])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 3-4. Whole runs of grpo_mm.py: kill -9 and rerun; log consistency
 
-RUN_ARGS = dict(model="tiny", rollout_batch=4, group_size=4, max_new_tokens=16, mini_batch=16, micro_batch=16,
-                rollout_micro_batch=4, len_budget=8, seed=3, save_every=2, max_steps=6,
-                pad_rho=0.15)  # fmt: skip  # rho 0.15: 3 draws of 16, so a step with 4+ nonzero advantages is capped
+# rho 0.15: 3 draws of 16, so a step with 4+ nonzero advantages is capped
+RUN_ARGS = dict(model="tiny", rollout_batch=4, group_size=4, max_new_tokens=16, mini_batch=16, micro_batch=16)
+RUN_ARGS.update(rollout_micro_batch=4, len_budget=8, seed=3, save_every=2, max_steps=6, pad_rho=0.15)
 
 
 def grpo_cmd(data: str, out_dir: str, **overrides) -> list[str]:
@@ -180,8 +199,8 @@ def grpo_cmd(data: str, out_dir: str, **overrides) -> list[str]:
 
 
 def run_grpo(data: str, out_dir: str, **overrides) -> None:
-    r = subprocess.run(grpo_cmd(data, out_dir, **overrides), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+    cmd = grpo_cmd(data, out_dir, **overrides)
+    r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
 
 
@@ -221,8 +240,8 @@ def _complete_rows(path: str) -> list[dict]:
 def test_kill9_mid_run_then_rerun_matches_uninterrupted(tmp_path, mm_data, uninterrupted):
     out = str(tmp_path / "killed")
     n_seq = RUN_ARGS["rollout_batch"] * RUN_ARGS["group_size"]
-    proc = subprocess.Popen(grpo_cmd(mm_data, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    pipes = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(grpo_cmd(mm_data, out), cwd=ROOT, env=_env(), **pipes, text=True)
     deadline = time.time() + 240
     try:
         # Wait for the step-2 checkpoint (complete: renamed from .tmp) and for every log line of step 3: the kill
@@ -231,8 +250,10 @@ def test_kill9_mid_run_then_rerun_matches_uninterrupted(tmp_path, mm_data, unint
             assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read()[-3000:]}"
             assert time.time() < deadline, "timed out waiting for step 3"
             ckpt_ok = os.path.isfile(os.path.join(out, "ckpt", "step_000002", "state.json"))
-            if ckpt_ok and len([r for r in _complete_rows(os.path.join(out, "rollouts.jsonl")) if r["step"] == 3]) == n_seq:
-                break
+            if ckpt_ok:
+                step3 = [r for r in _complete_rows(os.path.join(out, "rollouts.jsonl")) if r["step"] == 3]
+                if len(step3) == n_seq:
+                    break
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
@@ -242,7 +263,8 @@ def test_kill9_mid_run_then_rerun_matches_uninterrupted(tmp_path, mm_data, unint
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert C.latest_checkpoint(out).endswith("step_000002"), "the kill landed after the step-4 checkpoint"
-    assert max(r["step"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))) == 3  # step 3 logged, not saved
+    last = max(r["step"] for r in read_jsonl(os.path.join(out, "metrics.jsonl")))
+    assert last == 3  # step 3 logged, not saved
     run_grpo(mm_data, out)  # the same command: resumes from step 2
 
     steps = list(range(1, RUN_ARGS["max_steps"] + 1))
@@ -261,7 +283,8 @@ def test_kill9_mid_run_then_rerun_matches_uninterrupted(tmp_path, mm_data, unint
         assert [r["reward"] for r in resumed[step]] == [r["reward"] for r in ref[step]], step
         assert [r["completion"] for r in resumed[step]] == [r["completion"] for r in ref[step]], step
         assert [r["times_drawn"] for r in resumed[step]] == [r["times_drawn"] for r in ref[step]], step
-    timing = {"elapsed_s", "rollout_s", "train_s"}  # and the measured peak memory (mem_*_mb): not the run's math
+    # and the measured peak memory (mem_*_mb): not the run's math
+    timing = {"elapsed_s", "rollout_s", "train_s"}
     m_res, m_ref = (read_jsonl(os.path.join(r, "metrics.jsonl")) for r in (out, uninterrupted))
     for a, b in zip(m_res, m_ref):
         for k in {k for k in b if not k.startswith("mem_")} - timing:
@@ -288,13 +311,16 @@ def _check_logs(out_dir: str, cfg: dict, pad_mode: str) -> None:
     rollouts = by_step(read_jsonl(os.path.join(out_dir, "rollouts.jsonl")))
     assert [m["step"] for m in metrics] == list(range(1, cfg["max_steps"] + 1))
     assert sorted(rollouts) == [m["step"] for m in metrics]
-    required = ["step", "updates", "loss", "lr", "elapsed_s", "reward", "acc", "format", "len_reward", "resp_len",
-                "zero_adv_frac", "pad_effective", "pad_kept", "kl", "entropy", "clip_frac", "rollout_s", "train_s"]  # fmt: skip
+    required = (
+        "step updates loss lr elapsed_s reward acc format len_reward resp_len zero_adv_frac pad_effective"
+    )
+    required = (required + " pad_kept kl entropy clip_frac rollout_s train_s").split()
     nontrivial = capped = 0
     for m in metrics:
         assert set(required) <= m.keys(), set(required) - m.keys()
         for k, v in m.items():  # every value a finite number
-            assert isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), (m["step"], k, v)
+            finite = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            assert finite, (m["step"], k, v)
         rows = rollouts[m["step"]]
         assert len(rows) == n_seq
         adv_logged = torch.tensor([r["advantage"] for r in rows], dtype=torch.float64)
@@ -306,8 +332,9 @@ def _check_logs(out_dir: str, cfg: dict, pad_mode: str) -> None:
             assert torch.allclose(adv_logged[g : g + n], want, rtol=0, atol=1e-6), (m["step"], g)
         for r in rows:
             assert r["kept"] == (r["times_drawn"] > 0), r
-            assert math.isclose(r["reward"], cfg.get("w_acc", 0.8) * r["acc"] + cfg.get("w_fmt", 0.1) * r["format"]
-                                + cfg.get("w_len", 0.1) * r["len_reward"], abs_tol=1e-9), r  # fmt: skip
+            weighted = cfg.get("w_acc", 0.8) * r["acc"] + cfg.get("w_fmt", 0.1) * r["format"]
+            weighted += cfg.get("w_len", 0.1) * r["len_reward"]
+            assert math.isclose(r["reward"], weighted, abs_tol=1e-9), r
         kept = sum(r["kept"] for r in rows)
         draws = sum(r["times_drawn"] for r in rows)
         a = adv_logged.abs()

@@ -36,26 +36,42 @@ def mid_checkpoint(tmp_path_factory) -> str:
 
     tok = M.build_tokenizer("tiny-qwen")
     base = M.tiny_config(tok)
-    text = dict(M.TINY_TEXT, hidden_size=128, intermediate_size=4096, num_hidden_layers=24,
-                vocab_size=base.text_config.vocab_size, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-                bos_token_id=base.text_config.bos_token_id, eos_token_id=base.text_config.eos_token_id,
-                pad_token_id=base.text_config.pad_token_id)
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=dict(M.TINY_VISION, out_hidden_size=128),
-                           image_token_id=base.image_token_id, video_token_id=base.video_token_id,
-                           vision_start_token_id=base.vision_start_token_id,
-                           vision_end_token_id=base.vision_end_token_id, tie_word_embeddings=False)
+    text = dict(
+        M.TINY_TEXT,
+        hidden_size=128,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        vocab_size=base.text_config.vocab_size,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+        bos_token_id=base.text_config.bos_token_id,
+        eos_token_id=base.text_config.eos_token_id,
+        pad_token_id=base.text_config.pad_token_id,
+    )
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(M.TINY_VISION, out_hidden_size=128),
+        image_token_id=base.image_token_id,
+        video_token_id=base.video_token_id,
+        vision_start_token_id=base.vision_start_token_id,
+        vision_end_token_id=base.vision_end_token_id,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            cfg, attn_implementation="sdpa", dtype=torch.float32
+        )
     out = str(tmp_path_factory.mktemp("mid") / "ckpt")
-    M.save_model(model, M.build_processor(tok, M.build_image_processor(M.TINY_MIN_PIXELS, M.TINY_MAX_PIXELS)), out)
+    M.save_model(
+        model, M.build_processor(tok, M.build_image_processor(M.TINY_MIN_PIXELS, M.TINY_MAX_PIXELS)), out
+    )
     return out
 
 
 def load_peaks(ckpt: str, out: str, mode: str) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), WORKER, ckpt, out, "--mode", mode]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd = [*torchrun, "--master_port", str(_free_port()), WORKER, ckpt, out, "--mode", mode]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -74,8 +90,10 @@ def test_rank0_load_fills_the_shards_and_bounds_rank1_memory(mid_checkpoint, tmp
     mb = 1 << 20
     grown = (r1["peak_kb"] - r1["base_kb"]) * 1024
     bound = 1.1 * (r1["shard_bytes"] + r1["largest_param_bytes"])
-    print(f"rank 1 peak above baseline {grown / mb:.0f} MB; shard {r1['shard_bytes'] / mb:.0f} MB + largest tensor "
-          f"{r1['largest_param_bytes'] / mb:.0f} MB (+10%: {bound / mb:.0f} MB); model {r1['model_bytes'] / mb:.0f} MB; "
-          f"rank 0 peak above baseline {(reports[0]['peak_kb'] - reports[0]['base_kb']) / 1024:.0f} MB")
+    print(
+        f"rank 1 peak above baseline {grown / mb:.0f} MB; shard {r1['shard_bytes'] / mb:.0f} MB + largest tensor "
+        f"{r1['largest_param_bytes'] / mb:.0f} MB (+10%: {bound / mb:.0f} MB); model {r1['model_bytes'] / mb:.0f} MB; "
+        f"rank 0 peak above baseline {(reports[0]['peak_kb'] - reports[0]['base_kb']) / 1024:.0f} MB"
+    )
     assert r1["model_bytes"] > 250 * mb and r1["largest_param_bytes"] < r1["model_bytes"] / 3  # the premise
     assert grown <= bound, (grown / mb, bound / mb)

@@ -14,6 +14,9 @@ import model as M
 import policy as P
 from conftest import ROOT, make_image
 
+# Policy's positional inputs, in its order.
+POLICY_INPUTS = "input_ids attention_mask target_mask pixel_values image_grid_thw mm_token_type_ids".split()
+
 
 def test_tiny_builds_offline_small_and_deterministic(tiny):
     m, p = tiny
@@ -36,9 +39,16 @@ def test_tiny_qwen_reproduces_real_qwen2_ids(tiny_qwen):
     # Reference ids of the real Qwen2 tokenizer (tokenizer.json of Qwen2.5-VL-7B-Instruct).
     assert tok("Hello world", add_special_tokens=False).input_ids == [9707, 1879]
     assert tok("12", add_special_tokens=False).input_ids == [16, 17]  # digits one by one
-    specials = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-                "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655,
-                "<|video_pad|>": 151656, "<|file_sep|>": 151664}  # fmt: skip
+    specials = {
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<|vision_start|>": 151652,
+        "<|vision_end|>": 151653,
+        "<|image_pad|>": 151655,
+        "<|video_pad|>": 151656,
+        "<|file_sep|>": 151664,
+    }
     for t, i in specials.items():
         assert tok.convert_tokens_to_ids(t) == i
     assert tok.decode([9707, 1879]) == "Hello world"
@@ -59,7 +69,9 @@ def test_chunked_logprobs_match_log_softmax_values_and_grads(temperature, with_e
     coef = torch.randn(n, generator=g)  # an arbitrary loss on the outputs, so the gradient is not trivial
     coef_e = torch.randn(n, generator=g)
 
-    logp, ent = P.token_logprobs(hidden, weight, targets, temperature, chunk_size=8, with_entropy=with_entropy)
+    logp, ent = P.token_logprobs(
+        hidden, weight, targets, temperature, chunk_size=8, with_entropy=with_entropy
+    )
     loss = (coef * logp).sum() + ((coef_e * ent).sum() if with_entropy else 0)
     gh, gw = torch.autograd.grad(loss, (hidden, weight))
 
@@ -102,9 +114,12 @@ def test_chunked_logprobs_never_hold_full_logits():
 def _image_records(tmp_path):
     a = make_image(str(tmp_path / "a.png"), (56, 56), "red")
     b = make_image(str(tmp_path / "b.png"), (84, 56), "blue")
-    return [D.Record(id="1", problem="How many shapes are there?", answer="3", images=[a], source="t:1"),
-            D.Record(id="2", problem="Add the numbers shown in both pictures.", answer="5", images=[a, b],
-                     source="t:2")]  # fmt: skip
+    return [
+        D.Record(id="1", problem="How many shapes are there?", answer="3", images=[a], source="t:1"),
+        D.Record(
+            id="2", problem="Add the numbers shown in both pictures.", answer="5", images=[a, b], source="t:2"
+        ),
+    ]
 
 
 def test_policy_logprobs_equal_generate_logits_for_image_prompts(tiny, tmp_path):
@@ -112,22 +127,23 @@ def test_policy_logprobs_equal_generate_logits_for_image_prompts(tiny, tmp_path)
     prompts = [D.encode_prompt(r, p) for r in _image_records(tmp_path)]
     batch = D.collate_prompts(prompts, p.tokenizer.pad_token_id, m.config.image_token_id)
     torch.manual_seed(0)
-    out = m.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=True, temperature=1.0, top_k=0,
-                     top_p=1.0, repetition_penalty=1.0, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    sampling = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+    scores = dict(output_logits=True, return_dict_in_generate=True)
+    out = m.generate(**batch, max_new_tokens=6, min_new_tokens=6, **sampling, **scores)
     width = batch["input_ids"].shape[1]
     new = out.sequences[:, width:]
-    gen_logp = torch.stack([F.log_softmax(lg.float(), -1) for lg in out.logits], 1).gather(2, new[..., None])[..., 0]
+    gen_logps = torch.stack([F.log_softmax(lg.float(), -1) for lg in out.logits], 1)
+    gen_logp = gen_logps.gather(2, new[..., None])[..., 0]
 
     seqs = D.collate_sequences(prompts, new.tolist(), p.tokenizer.pad_token_id, m.config.image_token_id)
     policy = P.Policy(m, chunk_size=5)
     with torch.no_grad():
-        logp, _ = policy(seqs["input_ids"], seqs["attention_mask"], seqs["target_mask"], seqs["pixel_values"],
-                         seqs["image_grid_thw"], seqs["mm_token_type_ids"])  # fmt: skip
+        logp, _ = policy(*(seqs[k] for k in POLICY_INPUTS))
     ours = torch.stack([logp[i][seqs["target_mask"][i]] for i in range(2)])
     assert torch.allclose(ours, gen_logp, atol=1e-4), (ours - gen_logp).abs().max()
     # Without mm_token_type_ids the 3-D positions are lost and the numbers change (PITFALLS).
-    pos = P.position_ids_for(m, seqs["input_ids"], seqs["attention_mask"], seqs["image_grid_thw"],
-                             seqs["mm_token_type_ids"])  # fmt: skip
+    keys = ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
+    pos = P.position_ids_for(m, *(seqs[k] for k in keys))
     assert not torch.equal(pos[1], pos[0])
 
 
@@ -143,19 +159,22 @@ def test_shared_prefix_keys_on_the_images_too(tiny, tmp_path):
         im = Image.new("RGB", (56, 56), "white")
         ImageDraw.Draw(im).ellipse(box, fill=color)
         im.save(tmp_path / f"{k}.png")
-        recs.append(D.Record(id=str(k), problem="Add the two numbers shown.", answer="3",
-                             images=[str(tmp_path / f"{k}.png")], source=f"t:{k}"))
+        image = str(tmp_path / f"{k}.png")
+        recs.append(
+            D.Record(
+                id=str(k), problem="Add the two numbers shown.", answer="3", images=[image], source=f"t:{k}"
+            )
+        )
     enc = [D.encode_prompt(r, p) for r in recs]
     assert enc[0].input_ids == enc[1].input_ids and not torch.equal(enc[0].pixel_values, enc[1].pixel_values)
     # two groups of two samples (prompt, completion), as a GRPO micro-batch holds them
     rows = [(0, [5, 6, 7, 8]), (0, [5, 6, 7]), (1, [9, 8, 7, 6]), (1, [9, 8])]
 
     def logprobs(policy, rows):
-        b = D.collate_sequences([enc[i] for i, _ in rows], [c for _, c in rows], p.tokenizer.pad_token_id,
-                                m.config.image_token_id)
+        prompts, comps = [enc[i] for i, _ in rows], [c for _, c in rows]
+        b = D.collate_sequences(prompts, comps, p.tokenizer.pad_token_id, m.config.image_token_id)
         with torch.no_grad():
-            logp, _ = policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"],
-                             b["image_grid_thw"], b["mm_token_type_ids"])
+            logp, _ = policy(*(b[k] for k in POLICY_INPUTS))
         return [logp[j][b["target_mask"][j]] for j in range(len(rows))]
 
     alone = [logprobs(P.Policy(m), [row])[0] for row in rows]
@@ -171,20 +190,20 @@ def test_shared_prefix_keys_on_the_images_too(tiny, tmp_path):
 def test_policy_gradient_matches_unchunked_full_logits(tiny, tmp_path):
     m, p = tiny
     m = M.build_tiny("tiny", seed=0)[0]
-    recs = _image_records(tmp_path) + [D.Record(id="3", problem="What is 2 plus 3?", answer="5", source="t:3")]
+    text = D.Record(id="3", problem="What is 2 plus 3?", answer="5", source="t:3")
+    recs = _image_records(tmp_path) + [text]
     prompts = [D.encode_prompt(r, p) for r in recs]
     comps = [D.encode_completion("<think>2 + 3 = 5.</think> \\boxed{5}", p.tokenizer) for _ in recs]
     b = D.collate_sequences(prompts, comps, p.tokenizer.pad_token_id, m.config.image_token_id)
     policy = P.Policy(m, chunk_size=7)
-    logp, ent = policy(b["input_ids"], b["attention_mask"], b["target_mask"], b["pixel_values"], b["image_grid_thw"],
-                       b["mm_token_type_ids"], temperature=0.9, with_entropy=True)  # fmt: skip
+    logp, ent = policy(*(b[k] for k in POLICY_INPUTS), temperature=0.9, with_entropy=True)
     loss = -(logp.sum() + 0.1 * ent.sum())
     loss.backward()
     g1 = {k: v.grad.clone() for k, v in m.named_parameters() if v.grad is not None}
     m.zero_grad()
     # reference: the model's own full logits through log_softmax
-    logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-               image_grid_thw=b["image_grid_thw"], mm_token_type_ids=b["mm_token_type_ids"]).logits  # fmt: skip
+    inputs = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    logits = m(**{k: b[k] for k in inputs}).logits
     full = F.log_softmax(logits[:, :-1].float() / 0.9, -1)
     tl = full.gather(2, b["input_ids"][:, 1:, None])[..., 0]
     te = -(full.exp() * full).sum(-1)
@@ -208,7 +227,8 @@ def test_save_and_load_roundtrip(tiny, tmp_path):
     assert p2.tokenizer("What is 3 plus 4?").input_ids == p.tokenizer("What is 3 plus 4?").input_ids
     assert p2.image_processor.merge_size == 2
     assert M.read_training_metadata(out)["placement"] == "system"
-    assert json.load(open(os.path.join(out, "generation_config.json")))["top_k"] == 1  # the trap travels along
+    generation_config = json.load(open(os.path.join(out, "generation_config.json")))
+    assert generation_config["top_k"] == 1  # the trap travels along
 
 
 def test_generate_offline_from_image_prompt_in_fresh_process(tmp_path):
@@ -225,8 +245,10 @@ for kind in ("tiny", "tiny-qwen"):
     assert out.shape[1] == len(e.input_ids) + 4
     print(kind, "ok")
 """
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
-               no_proxy="*", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")  # fmt: skip
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    offline = dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    no_network = dict(no_proxy="*", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
+    env = dict(os.environ, **offline, **no_network)
+    cmd = [sys.executable, "-c", code]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tiny ok" in r.stdout and "tiny-qwen ok" in r.stdout

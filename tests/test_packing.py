@@ -36,15 +36,26 @@ def _batch(synth_dir, processor, image_token_id, order=(0, 3, 1, 2, 3, 0), lengt
     enc = _prompts(synth_dir, processor)
     g = torch.Generator().manual_seed(0)
     comps = [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths]  # plain BPE ids of `tiny`
-    return D.collate_sequences([enc[i] for i in order], comps, processor.tokenizer.pad_token_id, image_token_id)
+    pad_id = processor.tokenizer.pad_token_id
+    return D.collate_sequences([enc[i] for i in order], comps, pad_id, image_token_id)
+
+
+# Policy's positional inputs, in its order.
+POLICY_INPUTS = "input_ids attention_mask target_mask pixel_values image_grid_thw mm_token_type_ids".split()
+
+
+def _positions(model, batch):
+    """The padded batch's position ids, each row computed on its own."""
+    keys = ("input_ids", "attention_mask", "image_grid_thw", "mm_token_type_ids")
+    return P.position_ids_for(model, *(batch[k] for k in keys))
 
 
 def _logp_and_grads(policy, batch):
     policy.model.zero_grad()
-    logp, ent = policy(batch["input_ids"], batch["attention_mask"], batch["target_mask"], batch["pixel_values"],
-                       batch["image_grid_thw"], batch["mm_token_type_ids"], with_entropy=True)
+    logp, ent = policy(*(batch[k] for k in POLICY_INPUTS), with_entropy=True)
     (logp.sum() + 0.3 * ent.sum()).backward()
-    return logp.detach(), ent.detach(), {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+    return logp.detach(), ent.detach(), grads
 
 
 ROWS = [[1, 4, 0], [3], [5, 2]]  # a row of three sequences, one of one (no padding), one ending in padding
@@ -56,25 +67,27 @@ def test_packed_positions_are_each_sequence_alone(tiny, synth_dir):
     sequence from row 0 (and the trailing padding as a block of its own)."""
     model, processor = tiny
     batch = _batch(synth_dir, processor, model.config.image_token_id)
-    pos = P.position_ids_for(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
-                             batch["mm_token_type_ids"])
+    pos = _positions(model, batch)
     ids, packed, where = P.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, ROWS, pad_id=-7)
     lengths = batch["attention_mask"].sum(-1).tolist()
     width = max(sum(lengths[b] for b in row) for row in ROWS)
     assert ids.shape == (3, width) and packed.shape == (4, 3, width)
     assert int((where >= 0).sum()) == sum(lengths) and int((ids == -7).sum()) == 3 * width - sum(lengths)
-    grids = batch["image_grid_thw"].split((batch["input_ids"] == model.config.vision_start_token_id).sum(-1).tolist())
+    images_per_seq = (batch["input_ids"] == model.config.vision_start_token_id).sum(-1).tolist()
+    grids = batch["image_grid_thw"].split(images_per_seq)
     for r, row in enumerate(ROWS):
         start = 0
         for b in row:
             n = lengths[b]
             alone = batch["input_ids"][b, :n][None]
             grid = grids[b] if len(grids[b]) else None
-            ref = P.position_ids_for(model, alone, torch.ones_like(alone), grid, (alone == model.config.image_token_id).int())
+            mm = (alone == model.config.image_token_id).int()
+            ref = P.position_ids_for(model, alone, torch.ones_like(alone), grid, mm)
             assert torch.equal(ids[r, start : start + n], alone[0])
             assert torch.equal(packed[0, r, start : start + n], torch.arange(n))
             assert torch.equal(packed[1:, r, start : start + n], ref[:, 0])
-            assert torch.equal(where[b, :n], r * width + start + torch.arange(n)) and (where[b, n:] == -1).all()
+            assert torch.equal(where[b, :n], r * width + start + torch.arange(n))
+            assert (where[b, n:] == -1).all()
             start += n
         seq_of = find_packed_sequence_indices(packed[0, r][None])[0]  # what transformers builds the mask from
         want = torch.repeat_interleave(torch.arange(len(row)), torch.tensor([lengths[b] for b in row]))
@@ -110,7 +123,8 @@ def test_packed_forward_matches_padded(synth_dir, dedupe, attention):
     assert packed[2].keys() == padded[2].keys() and len(padded[2]) == len(list(model.parameters()))
     for k, g in padded[2].items():
         assert (packed[2][k] - g).norm() <= RTOL_GRAD * g.norm(), k
-    assert model.config.text_config._attn_implementation == (P.VARLEN_ATTENTION if attention == "sdpa" else "eager")
+    want_attention = P.VARLEN_ATTENTION if attention == "sdpa" else "eager"
+    assert model.config.text_config._attn_implementation == want_attention
 
 
 def test_varlen_attention_on_several_rows_matches_the_block_mask(synth_dir):
@@ -118,22 +132,28 @@ def test_varlen_attention_on_several_rows_matches_the_block_mask(synth_dir):
     the hidden states of transformers' sdpa with the block-diagonal mask it builds from the same positions."""
     model, processor = M.load_model("tiny", seed=0)
     batch = _batch(synth_dir, processor, model.config.image_token_id)
-    pos = P.position_ids_for(model, batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"],
-                             batch["mm_token_type_ids"])
+    pos = _positions(model, batch)
     ids, packed, where = P.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, ROWS)
     lengths = batch["attention_mask"].sum(-1).tolist()
     bounds = P.segment_bounds(packed[0])
     want = [[lengths[b] for b in row] for row in ROWS]
-    want = [w + ([ids.shape[1] - sum(w)] if sum(w) < ids.shape[1] else []) for w in want]  # padding: a segment
+    width = ids.shape[1]
+    want = [w + ([width - sum(w)] if sum(w) < width else []) for w in want]  # padding: a segment
     assert [[e - s for s, e in row] for row in bounds] == want
-    run = dict(input_ids=ids, position_ids=packed, mm_token_type_ids=(ids == model.config.image_token_id).int(),
-               pixel_values=batch["pixel_values"], use_cache=False)
+    run = dict(
+        input_ids=ids,
+        position_ids=packed,
+        mm_token_type_ids=(ids == model.config.image_token_id).int(),
+        pixel_values=batch["pixel_values"],
+        use_cache=False,
+    )
     order = [b for row in ROWS for b in row]  # images in the packed order of their sequences
     per_seq = (batch["input_ids"] == model.config.vision_start_token_id).sum(-1).tolist()
     blocks = D.slice_pixel_values(batch["pixel_values"], batch["image_grid_thw"], per_seq)
     first = [sum(per_seq[:b]) for b in range(len(per_seq))]
     run["pixel_values"] = torch.cat([blocks[b] for b in order])
-    run["image_grid_thw"] = batch["image_grid_thw"][[i for b in order for i in range(first[b], first[b] + per_seq[b])]]
+    image_rows = [i for b in order for i in range(first[b], first[b] + per_seq[b])]
+    run["image_grid_thw"] = batch["image_grid_thw"][image_rows]
     with torch.no_grad():
         masked = model.model(attention_mask=None, **run).last_hidden_state.flatten(0, 1)
         assert P.use_varlen_attention(model)
@@ -172,8 +192,11 @@ def test_packing_without_restarting_positions_leaks_across_sequences(tiny, synth
     transformers) let later sequences attend to earlier ones, and their hidden states change. The exactness
     above is the mask's doing, not an accident of the data."""
     model, processor = tiny
-    batch = _batch(synth_dir, processor, model.config.image_token_id, order=(3, 3), lengths=(5, 9))  # text only
-    pos = P.position_ids_for(model, batch["input_ids"], batch["attention_mask"], None, batch["mm_token_type_ids"])
+    # text only
+    batch = _batch(synth_dir, processor, model.config.image_token_id, order=(3, 3), lengths=(5, 9))
+    pos = P.position_ids_for(
+        model, batch["input_ids"], batch["attention_mask"], None, batch["mm_token_type_ids"]
+    )
     ids, packed, where = P.pack_sequences(batch["input_ids"], batch["attention_mask"], pos, [[0, 1]])
     run = dict(input_ids=ids, attention_mask=None, mm_token_type_ids=torch.zeros_like(ids), use_cache=False)
     with torch.no_grad():
@@ -181,9 +204,13 @@ def test_packing_without_restarting_positions_leaks_across_sequences(tiny, synth
         leaky = packed.clone()
         leaky[0] = torch.arange(ids.shape[1])
         bad = model.model(position_ids=leaky, **run).last_hidden_state[0]
-        alone = model.model(input_ids=batch["input_ids"][1:], attention_mask=batch["attention_mask"][1:],
-                            position_ids=pos[:, 1:], mm_token_type_ids=torch.zeros_like(batch["input_ids"][1:]),
-                            use_cache=False).last_hidden_state[0]
+        alone = model.model(
+            input_ids=batch["input_ids"][1:],
+            attention_mask=batch["attention_mask"][1:],
+            position_ids=pos[:, 1:],
+            mm_token_type_ids=torch.zeros_like(batch["input_ids"][1:]),
+            use_cache=False,
+        ).last_hidden_state[0]
     first, second = where[0][where[0] >= 0], where[1][where[1] >= 0]
     assert torch.equal(good[first], bad[first])  # the first sequence sees nothing else either way
     assert torch.allclose(good[second], alone[: len(second)], atol=1e-5)  # the second as if alone
@@ -212,7 +239,8 @@ def test_pack_by_tokens_by_hand():
 @pytest.mark.parametrize("seed", range(5))
 def test_pack_by_tokens_long_tailed_random(seed):
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randn(200, generator=g).add(5.0).exp().clamp(8, 3000).long().tolist()  # log-normal, long tail
+    # log-normal, long tail
+    lengths = torch.randn(200, generator=g).add(5.0).exp().clamp(8, 3000).long().tolist()
     budget = 4096
     bins = D.pack_by_tokens(lengths, budget)
     _check_bins(bins, lengths, budget)
@@ -223,7 +251,8 @@ def test_pack_by_tokens_long_tailed_random(seed):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_packed_micro_batches_same_count_per_rank_balanced(world):
     lengths = [900, 30, 500, 480, 20, 10, 700, 60, 300, 250, 5]
-    items = [10, 3, 7, 0, 9, 1, 2, 8, 4, 6, 5]  # a step's items in the epoch's order (a permutation of a subset)
+    # a step's items in the epoch's order (a permutation of a subset)
+    items = [10, 3, 7, 0, 9, 1, 2, 8, 4, 6, 5]
     per_rank = D.packed_micro_batches(items, lengths, 1000, world)
     assert len(per_rank) == world
     flat = sorted(i for p in per_rank for mb in p for i in mb)
@@ -242,8 +271,10 @@ def test_packed_micro_batches_same_count_per_rank_balanced(world):
 
 def test_grpo_plan_packs_by_prompt_plus_completion():
     comp = [40, 6, 7, 8, 9, 100, 3]
-    samples = [G.Sample(rec=i, completion=[1] * n, text="", truncated=False, times_drawn=1 + (i == 2), prompt_len=50)
-               for i, n in enumerate(comp)]
+    samples = [
+        G.Sample(rec=i, completion=[1] * n, text="", truncated=False, times_drawn=1 + (i == 2), prompt_len=50)
+        for i, n in enumerate(comp)
+    ]
     cfg = G.GRPOConfig(mini_batch=5, micro_batch_tokens=128)
     plans = G.plan_updates(samples, cfg, 2, torch.Generator().manual_seed(0))
     drawn = sorted(i for i, s in enumerate(samples) for _ in range(s.times_drawn))
@@ -255,9 +286,13 @@ def test_grpo_plan_packs_by_prompt_plus_completion():
             for mb in rank:
                 assert len(mb) <= 1 or sum(50 + comp[i] for i in mb) <= 128, mb
     # the mini-batches themselves (and so the loss) are those of the padded plan: only the grouping differs
-    padded = G.plan_updates(samples, G.GRPOConfig(mini_batch=5, micro_batch=2), 2, torch.Generator().manual_seed(0))
-    assert [sorted(i for rank in m for mb in rank for i in mb) for m, _ in plans] == \
-        [sorted(i for rank in m for mb in rank for i in mb) for m, _ in padded]
+    padded_cfg = G.GRPOConfig(mini_batch=5, micro_batch=2)
+    padded = G.plan_updates(samples, padded_cfg, 2, torch.Generator().manual_seed(0))
+
+    def mini_batches(plans):
+        return [sorted(i for rank in m for mb in rank for i in mb) for m, _ in plans]
+
+    assert mini_batches(plans) == mini_batches(padded)
     assert [t for _, t in plans] == [t for _, t in padded]
 
 
@@ -273,8 +308,8 @@ def sft_data(tmp_path_factory):
     import synth
 
     out = str(tmp_path_factory.mktemp("pack_sft"))
-    synth.write_synth(out, synth.SynthConfig(seed=1, mm_share=0.5, n_sft=48, n_sft_test=16, n_mm_train=0,
-                                             n_text_train=0, n_mm_test=0, n_text_test=0))
+    sizes = dict(n_sft=48, n_sft_test=16, n_mm_train=0, n_text_train=0, n_mm_test=0, n_text_test=0)
+    synth.write_synth(out, synth.SynthConfig(seed=1, mm_share=0.5, **sizes))
     path = os.path.join(out, "sft.jsonl")
     with open(path) as f:
         rows = [json.loads(line) for line in f]
@@ -285,15 +320,16 @@ def sft_data(tmp_path_factory):
     return out
 
 
-SFT_BUDGET = 768  # tokens per packed micro-batch: 3-5 records; with 2 ranks some steps need a zero-weight filler
+# tokens per packed micro-batch: 3-5 records; with 2 ranks some steps need a zero-weight filler
+SFT_BUDGET = 768
 
 
 def _sft_args(data_dir: str, out_dir: str, budget: int) -> list[str]:
     # no length grouping: the padded micro-batches mix lengths (padding), the packed ones hold several sequences
-    return ["--data", os.path.join(data_dir, "sft.jsonl"), "--eval_data", os.path.join(data_dir, "sft_test.jsonl"),
-            "--out_dir", out_dir, "--max_steps", "4", "--global_batch", "8", "--micro_batch", "2",
-            "--micro_batch_tokens", str(budget), "--group_by_length", "false", "--lr", "3e-3", "--save_every", "0",
-            "--eval_every", "2", "--log_every", "0"]
+    data, eval_data = os.path.join(data_dir, "sft.jsonl"), os.path.join(data_dir, "sft_test.jsonl")
+    steps = "--max_steps 4 --global_batch 8 --micro_batch 2".split() + ["--micro_batch_tokens", str(budget)]
+    rest = "--group_by_length false --lr 3e-3 --save_every 0 --eval_every 2 --log_every 0".split()
+    return ["--data", data, "--eval_data", eval_data, "--out_dir", out_dir, *steps, *rest]
 
 
 def _sft_run(data_dir: str, out_dir: str, budget: int) -> tuple[list[dict], dict]:
@@ -330,10 +366,12 @@ def test_sft_packed_matches_padded(sft_data, sft_padded, tmp_path):
     rows, sd = _sft_run(sft_data, str(tmp_path / "packed"), SFT_BUDGET)
     _assert_same_sft(rows, ref, rel=1e-6)
     assert max(float((sd[k] - ref_sd[k]).abs().max()) for k in sd) < 1e-4
-    assert all(a["pad_frac"] <= b["pad_frac"] for a, b in zip(rows, ref)) and max(r["pad_frac"] for r in ref) > 0.1
+    assert all(a["pad_frac"] <= b["pad_frac"] for a, b in zip(rows, ref))
+    assert max(r["pad_frac"] for r in ref) > 0.1
     # the premise: packed micro-batches hold several sequences (the first step's plan)
-    lengths = [e.length for e in sft.build_examples(D.load_records(os.path.join(sft_data, "sft.jsonl"), require_solution=True),
-                                                    M.load_model("tiny")[1], sft.SFTConfig(data="x"))]
+    records = D.load_records(os.path.join(sft_data, "sft.jsonl"), require_solution=True)
+    examples = sft.build_examples(records, M.load_model("tiny")[1], sft.SFTConfig(data="x"))
+    lengths = [e.length for e in examples]
     order = sft.epoch_order(lengths, 0, 0, 2, False)
     plans = [sft.rank_micro_batches(order[s : s + 8], 2, 1, 0, lengths, SFT_BUDGET) for s in range(0, 32, 8)]
     assert all(len(plan) < 4 for plan in plans)  # fewer micro-batches than the padded path's four
@@ -348,8 +386,9 @@ def test_sft_packed_two_processes_fsdp_matches_padded_one(sft_data, sft_padded, 
     ref, ref_sd = sft_padded
     out = str(tmp_path / "fsdp_packed")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "sft.py"), *_sft_args(sft_data, out, SFT_BUDGET), "--distributed", "fsdp"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    sft_args = _sft_args(sft_data, out, SFT_BUDGET)
+    cmd = [*launch, os.path.join(ROOT, "sft.py"), *sft_args, "--distributed", "fsdp"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     _assert_same_sft(_metrics(out), ref, rel=1e-5)
@@ -374,18 +413,20 @@ def test_grpo_packed_two_processes_matches_padded_one(synth_dir, tmp_path, backe
     runs = {"single": (0, case), "packed": (2, dict(case, micro_batch_tokens=300))}
     for name, (nproc, overrides) in runs.items():
         cases = json.dumps({"pk": [overrides, 0.01]})
-        run_worker(nproc, "update", "--synth", synth_dir, "--out", str(tmp_path / name), "--distributed", backend,
-                   "--cases", cases)
+        args = ["--synth", synth_dir, "--out", str(tmp_path / name), "--distributed", backend]
+        run_worker(nproc, "update", *args, "--cases", cases)
     want = json.load(open(tmp_path / "single" / "pk.json"))
     got = json.load(open(tmp_path / "packed" / "pk.json"))
     assert want["world"] == 1 and got["world"] == 2 and got["picks"] == want["picks"]
     # the premise: several sequences in one packed row, the image sample (0) on rank 0 only, a filler on rank 1
-    assert [[[len(mb) for mb in rank] for rank in micro] for micro, _ in got["plan"]] == [[[2], [1]], [[2], [0]]]
+    shapes = [[[len(mb) for mb in rank] for rank in micro] for micro, _ in got["plan"]]
+    assert shapes == [[[2], [1]], [[2], [0]]]
     assert 0 in got["plan"][0][0][0][0] and [t for _, t in got["plan"]] == [t for _, t in want["plan"]]
     initial = torch.load(tmp_path / "single" / "initial.pt")
-    _compare_states(torch.load(tmp_path / "packed" / "pk.pt"), torch.load(tmp_path / "single" / "pk.pt"), initial,
-                    f"packed {backend} x2 vs padded x1")
-    _compare_stats(got["stats"], want["stats"], f"packed {backend} x2 vs padded x1")
+    label = f"packed {backend} x2 vs padded x1"
+    packed, single = torch.load(tmp_path / "packed" / "pk.pt"), torch.load(tmp_path / "single" / "pk.pt")
+    _compare_states(packed, single, initial, label)
+    _compare_stats(got["stats"], want["stats"], label)
     assert got["stats"]["updates"] == 4 and G.GRPOConfig().micro_batch_tokens == 0 and W.N == 4
 
 
@@ -402,28 +443,40 @@ def test_grpo_update_packed_matches_padded_one_process(synth_dir):
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     g = torch.Generator().manual_seed(3)
     samples = []
-    for rec, n, adv, drawn in [(0, 300, 1.2, 1), (0, 5, -0.4, 1), (1, 12, 0.8, 2), (1, 30, -1.1, 1), (2, 8, 0.5, 1),
-                               (2, 20, -0.9, 0), (2, 3, 0.3, 1)]:
+    for rec, n, adv, drawn in [
+        (0, 300, 1.2, 1),
+        (0, 5, -0.4, 1),
+        (1, 12, 0.8, 2),
+        (1, 30, -1.1, 1),
+        (2, 8, 0.5, 1),
+        (2, 20, -0.9, 0),
+        (2, 3, 0.3, 1),
+    ]:
         comp = torch.randint(0, 300, (n - 1,), generator=g).tolist() + [im_end]
-        samples.append(G.Sample(rec=rec, completion=comp, text="", truncated=False, advantage=adv, times_drawn=drawn,
-                                prompt_len=len(encoded[rec].input_ids)))
+        prompt_len = len(encoded[rec].input_ids)
+        kw = dict(text="", truncated=False, advantage=adv, times_drawn=drawn, prompt_len=prompt_len)
+        samples.append(G.Sample(rec=rec, completion=comp, **kw))
     results = {}
     for name, budget in (("padded", 0), ("packed", 900)):
-        cfg = G.GRPOConfig(mini_batch=4, micro_batch=1, micro_batch_tokens=budget, ppo_epochs=2, entropy_warmup=0)
+        cfg = G.GRPOConfig(
+            mini_batch=4, micro_batch=1, micro_batch_tokens=budget, ppo_epochs=2, entropy_warmup=0
+        )
         policy = P.Policy(M.build_tiny("tiny", seed=0)[0])
         policy.dedupe_images = policy.share_prefix = True
         policy.pack = budget > 0
         params = list(policy.parameters())
         opt = torch.optim.AdamW(params, lr=cfg.lr)  # grpo_mm's default 5e-5, as tests/grpo_worker.py
         plans = G.plan_updates(samples, cfg, 1, torch.Generator().manual_seed(0))
-        stats = G.update(policy, None, samples, records, dict(encoded), processor, D.REASONING_PROMPT, "system", cfg,
-                         C.Dist(), 0.02, torch.Generator().manual_seed(0), params, opt)
+        context = (records, dict(encoded), processor, D.REASONING_PROMPT, "system")
+        gen = torch.Generator().manual_seed(0)
+        stats = G.update(policy, None, samples, *context, cfg, C.Dist(), 0.02, gen, params, opt)
         results[name] = (stats, {k: v.detach().clone() for k, v in policy.state_dict().items()}, plans)
     (want, w_sd, w_plans), (got, g_sd, g_plans) = results["padded"], results["packed"]
     # the premise: the packed plan has fewer micro-batches, and some packed row holds several sequences
     assert sum(len(m[0]) for m, _ in g_plans) < sum(len(m[0]) for m, _ in w_plans)
     lengths = {i: s.prompt_len + len(s.completion) for i, s in enumerate(samples)}
-    assert any(len(row) > 1 for m, _ in g_plans for mb in m[0] for row in D.pack_rows([lengths[i] for i in mb]))
+    rows = [row for m, _ in g_plans for mb in m[0] for row in D.pack_rows([lengths[i] for i in mb])]
+    assert any(len(row) > 1 for row in rows)
     assert got["updates"] == want["updates"] == 4
     for key in ("loss", "entropy", "clip_frac", "grad_norm"):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key

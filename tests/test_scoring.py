@@ -17,20 +17,47 @@ import scoring as S
 # The value of an answer
 
 
-@pytest.mark.parametrize("text,value", [
-    ("1.22 cm", 1.22), ("\\boxed{1.22\\text{ cm}}", 1.22), ("30^\\circ", 30.0), ("x = 3", 3.0), ("1,000", 1000.0),
-    ("\\frac{2\\pi}{3}", 2 * 3.141592653589793 / 3), ("2\\pi/3", 2 * 3.141592653589793 / 3), ("π", 3.141592653589793),
-    ("\\dfrac{14}{3}", 14 / 3), ("\\frac23", 2 / 3), ("3\\sqrt{2}", 3 * 2**0.5), ("\\sqrt[3]{27}", 3.0),
-    ("2^{10}", 1024.0), ("2^-1", 0.5), ("-(1+2)\\times 3", -9.0), ("$\\left(\\frac{1}{2}\\right)$", 0.5),
-])
+@pytest.mark.parametrize(
+    "text,value",
+    [
+        ("1.22 cm", 1.22),
+        ("\\boxed{1.22\\text{ cm}}", 1.22),
+        ("30^\\circ", 30.0),
+        ("x = 3", 3.0),
+        ("1,000", 1000.0),
+        ("\\frac{2\\pi}{3}", 2 * 3.141592653589793 / 3),
+        ("2\\pi/3", 2 * 3.141592653589793 / 3),
+        ("π", 3.141592653589793),
+        ("\\dfrac{14}{3}", 14 / 3),
+        ("\\frac23", 2 / 3),
+        ("3\\sqrt{2}", 3 * 2**0.5),
+        ("\\sqrt[3]{27}", 3.0),
+        ("2^{10}", 1024.0),
+        ("2^-1", 0.5),
+        ("-(1+2)\\times 3", -9.0),
+        ("$\\left(\\frac{1}{2}\\right)$", 0.5),
+    ],
+)
 def test_numeric_value_evaluates_the_answer(text, value):
     assert S.numeric_value(text) == pytest.approx(value, rel=1e-12)
 
 
-@pytest.mark.parametrize("text", [
-    "abc", "1.5.2", "\\frac{1}{0}", "10^{999}", "2^{2^{2^{2^{2}}}}", "(" * 300 + "1" + ")" * 300, "1" * 201,
-    "__import__('os').system('x')", "\\sqrt{-4}", "A = B", "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "abc",
+        "1.5.2",
+        "\\frac{1}{0}",
+        "10^{999}",
+        "2^{2^{2^{2^{2}}}}",
+        "(" * 300 + "1" + ")" * 300,
+        "1" * 201,
+        "__import__('os').system('x')",
+        "\\sqrt{-4}",
+        "A = B",
+        "",
+    ],
+)
 def test_numeric_value_refuses_what_is_not_a_bounded_number(text):
     t0 = time.perf_counter()
     assert S.numeric_value(text) is None
@@ -92,8 +119,13 @@ def test_rl_reward_keeps_its_documented_leniency():
 
 
 def test_options_inside_the_question_are_not_appended_twice():
-    rec = D.Record(id="1", problem="Is it continuous? choice: (A) yes (B) no", answer="A", choices=["yes", "no"],
-                   meta={"options_in_problem": True})
+    rec = D.Record(
+        id="1",
+        problem="Is it continuous? choice: (A) yes (B) no",
+        answer="A",
+        choices=["yes", "no"],
+        meta={"options_in_problem": True},
+    )
     text = D.build_messages(rec)[-1]["content"][-1]["text"]
     assert text == "Is it continuous? choice: (A) yes (B) no"
     rec.meta = {}
@@ -113,14 +145,24 @@ def test_wemath_four_dimensions_by_hand():
     # problem 2 (3 steps): step 2 wrong, composite right -> RM strict, CM loose (a step right)
     # problem 3 (2 steps): both steps wrong, composite right -> RM strict and RM loose
     # item 4: one-step, outside the four dimensions
-    steps = [("1", "2steps_1", True), ("1", "2steps_2", True), ("1", "2steps_multi", False),
-             ("2", "3steps_1", True), ("2", "3steps_2", False), ("2", "3steps_3", True), ("2", "3steps_multi", True),
-             ("3", "2steps_1", False), ("3", "2steps_2", False), ("3", "2steps_multi", True), ("4", "1step", True)]
+    steps = [
+        ("1", "2steps_1", True),
+        ("1", "2steps_2", True),
+        ("1", "2steps_multi", False),
+        ("2", "3steps_1", True),
+        ("2", "3steps_2", False),
+        ("2", "3steps_3", True),
+        ("2", "3steps_multi", True),
+        ("3", "2steps_1", False),
+        ("3", "2steps_2", False),
+        ("3", "2steps_multi", True),
+        ("4", "1step", True),
+    ]
     rows = [_row(f"{g}_{k}", ok, group=g, key=k) for g, k, ok in steps]
     res = S.summarize("wemath", rows)
     four = res["four_dim"]
-    assert four["problems"] == 3 and four["counts"] == {"IK": 0, "IG": 1, "CM_strict": 0, "CM_loose": 1,
-                                                        "RM_strict": 2, "RM_loose": 1}
+    assert four["problems"] == 3
+    assert four["counts"] == {"IK": 0, "IG": 1, "CM_strict": 0, "CM_loose": 1, "RM_strict": 2, "RM_loose": 1}
     assert four["IG"] == 1 / 3 and four["IK"] == 0 and four["CM_loose"] == 1 / 3
     assert four["RM_strict"] == 2 / 2 and four["RM_loose"] == 1 / 2  # official RM / (CM + RM)
     assert res["score_strict"] == pytest.approx((3 - 0.5 * 1 - 2 - 0) / 3)  # 0.1667
@@ -131,8 +173,12 @@ def test_wemath_four_dimensions_by_hand():
 
 
 def test_dynamath_worst_case_needs_every_variant():
-    rows = [_row("1_v1", True, qid="1"), _row("1_v2", False, qid="1"), _row("2_v1", True, qid="2"),
-            _row("2_v2", True, qid="2")]
+    rows = [
+        _row("1_v1", True, qid="1"),
+        _row("1_v2", False, qid="1"),
+        _row("2_v1", True, qid="2"),
+        _row("2_v2", True, qid="2"),
+    ]
     res = S.summarize("dynamath", rows)
     assert res["average_case"] == 3 / 4 and res["worst_case"] == 1 / 2 and res["questions"] == 2
 
@@ -147,25 +193,40 @@ def _score(tmp_path, rows):
     return E.main(E.EvalConfig(score_only=str(src), out_dir=str(tmp_path / "o")))
 
 
+def _saved(bench, rid, response, answer, **kw):
+    return dict(bench=bench, id=rid, response=response, answer=answer, **kw)
+
+
 def test_score_only_derives_dynamath_and_wemath_from_ids(tmp_path):
-    rows = [dict(bench="dynamath", id=f"{q}_v{v}", response="\\boxed{A}", answer="A" if (q, v) != ("7", 2) else "B")
-            for q in ("7", "8") for v in (1, 2)]
-    rows += [dict(bench="wemath", id=f"12_{k}", response="\\boxed{A}", answer=a)
-             for k, a in (("2steps_1", "A"), ("2steps_2", "A"), ("2steps_multi", "B"))]
+    rows = [
+        _saved("dynamath", f"{q}_v{v}", "\\boxed{A}", "B" if (q, v) == ("7", 2) else "A")
+        for q in ("7", "8")
+        for v in (1, 2)
+    ]
+    rows += [
+        dict(bench="wemath", id=f"12_{k}", response="\\boxed{A}", answer=a)
+        for k, a in (("2steps_1", "A"), ("2steps_2", "A"), ("2steps_multi", "B"))
+    ]
     res = _score(tmp_path, rows)
-    assert res["dynamath"]["worst_case"] == 1 / 2 and res["dynamath"]["average_case"] == 3 / 4  # not 3/4 twice
+    assert res["dynamath"]["worst_case"] == 1 / 2
+    assert res["dynamath"]["average_case"] == 3 / 4  # not 3/4 twice
     assert res["wemath"]["four_dim"]["counts"]["IG"] == 1 and res["wemath"]["score_strict"] == 0.5
     assert "score_strict" in json.load(open(tmp_path / "o" / "results.json"))["wemath"]
 
 
-@pytest.mark.parametrize("row,match", [
-    (dict(bench="dynamath", id="3_v1", response="\\boxed{2.0}", answer="2.0004"), "meta.answer_type is missing"),
-    (dict(bench="dynamath", id="3", response="\\boxed{A}", answer="A"), "meta.qid is missing"),
-    (dict(bench="wemath", id="12", response="\\boxed{A}", answer="A"), "meta.key is missing"),
-    (dict(bench="mathvista", id="5", response="\\boxed{1.2}", answer="1.2"), "meta.answer_type is missing"),
-    (dict(bench="mathvista", id="5", response="\\boxed{1.2}", answer="1.2", meta={"answer_type": "float"}),
-     "meta.precision is missing"),
-])
+@pytest.mark.parametrize(
+    "row,match",
+    [
+        (_saved("dynamath", "3_v1", "\\boxed{2.0}", "2.0004"), "meta.answer_type is missing"),
+        (_saved("dynamath", "3", "\\boxed{A}", "A"), "meta.qid is missing"),
+        (_saved("wemath", "12", "\\boxed{A}", "A"), "meta.key is missing"),
+        (_saved("mathvista", "5", "\\boxed{1.2}", "1.2"), "meta.answer_type is missing"),
+        (
+            _saved("mathvista", "5", "\\boxed{1.2}", "1.2", meta={"answer_type": "float"}),
+            "meta.precision is missing",
+        ),
+    ],
+)
 def test_score_only_refuses_what_it_cannot_compute(tmp_path, row, match):
     with pytest.raises(D.DataError, match=rf"saved.jsonl:1: {row['bench']}: .*{match}"):
         _score(tmp_path, [row])

@@ -21,17 +21,17 @@ CONFIGS = os.path.join(ROOT, "configs")
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
-        [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))  # fmt: skip
+    paths = [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(paths))
     env.update(extra)
     return env
 
 
 def run_sft(args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300):
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc_per_node={nproc}"]  # fmt: skip
-    return subprocess.run(launcher + [os.path.join(ROOT, "sft.py")] + args, cwd=ROOT, env=env or _env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = [sys.executable] if nproc == 1 else torchrun
+    cmd = launcher + [os.path.join(ROOT, "sft.py")] + args
+    return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(out_dir: str) -> list[dict]:
@@ -45,8 +45,18 @@ def read_metrics(out_dir: str) -> list[dict]:
 
 def test_cosine_warmup_schedule_by_hand():
     # total 10, ratio 0.2 -> 2 warm-up steps: (t+1)/3 for t = 0, 1; then 0.5 (1 + cos(pi (t-2)/8))
-    expected = [1 / 3, 2 / 3, 1.0, 0.9619397662556434, 0.8535533905932737, 0.6913417161825449, 0.5,
-                0.30865828381745514, 0.14644660940672627, 0.03806023374435663]  # fmt: skip
+    expected = [
+        1 / 3,
+        2 / 3,
+        1.0,
+        0.9619397662556434,
+        0.8535533905932737,
+        0.6913417161825449,
+        0.5,
+        0.30865828381745514,
+        0.14644660940672627,
+        0.03806023374435663,
+    ]
     got = [sft.lr_at(t, 10, 1.0, 0.2) for t in range(10)]
     assert got == pytest.approx(expected, abs=1e-12)
     assert sft.warmup_steps(3675, 0.05) == 184
@@ -104,13 +114,14 @@ def test_config_help_unknown_key_and_yaml(capsys):
         C.parse_config(sft.SFTConfig, ["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for f in ("lr", "warmup_ratio", "global_batch", "micro_batch", "max_len", "resume", "distributed", "bf16",
-              "gradient_checkpointing", "freeze_vision", "max_bad_steps", "wandb_project", "placement"):  # fmt: skip
+    fields = "lr warmup_ratio global_batch micro_batch max_len resume distributed bf16 gradient_checkpointing"
+    fields += " freeze_vision max_bad_steps wandb_project placement"
+    for f in fields.split():
         assert f"--{f} " in text
     with pytest.raises(C.ConfigError, match="bogus"):
         C.parse_config(sft.SFTConfig, ["--bogus=1"])
-    cfg = C.parse_config(sft.SFTConfig, ["--config", os.path.join(CONFIGS, "sft_tiny.yaml"), "--lr", "0.5",
-                                         "--betas=0.9,0.95"])  # fmt: skip
+    yaml = os.path.join(CONFIGS, "sft_tiny.yaml")
+    cfg = C.parse_config(sft.SFTConfig, ["--config", yaml, "--lr", "0.5", "--betas=0.9,0.95"])
     assert cfg.lr == 0.5 and cfg.betas == [0.9, 0.95] and cfg.model == "tiny"
 
 
@@ -124,10 +135,11 @@ def test_sft_7b_config_is_the_paper_and_builds_8b_on_meta():
 
     mc = M.published_config("7b")
     t, v = mc.text_config, mc.vision_config
-    assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
-            t.vocab_size) == (3584, 18944, 28, 28, 4, 152064)  # fmt: skip
+    assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers) == (3584, 18944, 28)
+    assert (t.num_attention_heads, t.num_key_value_heads, t.vocab_size) == (28, 4, 152064)
     assert t.rope_parameters["mrope_section"] == [16, 24, 24] and t.rope_parameters["rope_theta"] == 1e6
-    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.out_hidden_size) == (32, 1280, 3420, 16, 3584)
+    vision = (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.out_hidden_size)
+    assert vision == (32, 1280, 3420, 16, 3584)
     assert list(v.fullatt_block_indexes) == [7, 15, 23, 31]
     with torch.device("meta"):
         m = Qwen2_5_VLForConditionalGeneration._from_config(mc)
@@ -185,11 +197,11 @@ def test_sft_beats_unigram_and_learns_the_format(sft_tiny):
     m.eval()
     enc = D.encode_all(test, p, meta["prompt"], meta["placement"])
     ok = 0
+    greedy = dict(do_sample=False, top_k=None, top_p=None, temperature=None, repetition_penalty=1.0)
     for s in range(0, len(enc), 25):
         b = D.collate_prompts(enc[s : s + 25], tok.pad_token_id, m.config.image_token_id)
         with torch.no_grad():
-            out_ids = m.generate(**b, max_new_tokens=64, do_sample=False, top_k=None, top_p=None, temperature=None,
-                                 repetition_penalty=1.0)  # fmt: skip
+            out_ids = m.generate(**b, max_new_tokens=64, **greedy)
         for row in out_ids[:, b["input_ids"].shape[1] :]:
             ok += bool(FORMAT_RE.match(tok.decode(row, skip_special_tokens=True)))
     print(f"format rate {ok / len(enc):.2f} on {len(enc)} held-out prompts")
@@ -202,8 +214,8 @@ def small_data(tmp_path_factory):
     import synth
 
     out = str(tmp_path_factory.mktemp("sft_small"))
-    cfg = synth.SynthConfig(seed=1, mm_share=0.5, n_sft=48, n_sft_test=16, n_mm_train=0, n_text_train=0,
-                            n_mm_test=0, n_text_test=0)  # fmt: skip
+    sizes = dict(n_sft=48, n_sft_test=16, n_mm_train=0, n_text_train=0, n_mm_test=0, n_text_test=0)
+    cfg = synth.SynthConfig(seed=1, mm_share=0.5, **sizes)
     synth.write_synth(out, cfg)
     return out
 
@@ -213,9 +225,10 @@ STEPS = 6
 
 
 def small_args(data_dir: str, out_dir: str) -> list[str]:
-    return ["--data", os.path.join(data_dir, "sft.jsonl"), "--eval_data", os.path.join(data_dir, "sft_test.jsonl"),
-            "--out_dir", out_dir, "--max_steps", str(STEPS), "--global_batch", "5", "--micro_batch", "1",
-            "--lr", "3e-3", "--save_every", "2", "--eval_every", "3", "--log_every", "0"]  # fmt: skip
+    data, eval_data = os.path.join(data_dir, "sft.jsonl"), os.path.join(data_dir, "sft_test.jsonl")
+    steps = ["--max_steps", str(STEPS), *"--global_batch 5 --micro_batch 1 --lr 3e-3".split()]
+    rest = "--save_every 2 --eval_every 3 --log_every 0".split()
+    return ["--data", data, "--eval_data", eval_data, "--out_dir", out_dir, *steps, *rest]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,9 @@ from PIL import Image
 import synth
 
 SMALL = dict(n_sft=120, n_sft_test=60, n_mm_train=120, n_text_train=120, n_mm_test=80, n_text_test=80)
-VISION_TOKENS = ("<image>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|vision_pad|>")
+VISION_TOKENS = tuple(
+    "<image> <|image_pad|> <|vision_start|> <|vision_end|> <|video_pad|> <|vision_pad|>".split()
+)
 
 
 def read_jsonl(path):
@@ -57,7 +59,14 @@ def test_write_is_byte_identical_for_a_seed(small_dir, tmp_path):
 
 def test_records_images_and_ids_are_valid(small_dir):
     out, cfg, counts = small_dir
-    assert counts == {"sft": 120, "sft_test": 60, "mm_train": 120, "text_train": 120, "mm_test": 80, "text_test": 80}
+    assert counts == {
+        "sft": 120,
+        "sft_test": 60,
+        "mm_train": 120,
+        "text_train": 120,
+        "mm_test": 80,
+        "text_test": 80,
+    }
     ids = []
     for split, n in counts.items():
         recs = read_jsonl(os.path.join(out, f"{split}.jsonl"))
@@ -117,7 +126,9 @@ def test_no_problem_of_a_held_out_split_appears_elsewhere(small_dir, default_spl
             keys.add((r["problem"].removesuffix(synth.MC_SUFFIX), hashlib.sha1(img).hexdigest()))
         ident[split] = keys
     # from the scenes, at default sizes: identity = problem text + what the image shows
-    keyed = {s: {synth.problem_key(it.question, it.scene) for it in items} for s, items in default_splits.items()}
+    keyed = {
+        s: {synth.problem_key(it.question, it.scene) for it in items} for s, items in default_splits.items()
+    }
     for ids in (ident, keyed):
         for held in ("mm_test", "text_test", "sft_test"):
             for other in ids:
@@ -191,8 +202,8 @@ def test_render_sizes_and_config_checks():
 
 
 def test_cli_parses_overrides_and_names_unknown_keys(tmp_path, capsys):
-    synth.main(["--out_dir", str(tmp_path / "d"), "--seed", "2", "--n_sft=8", "--mm_share", "0.5", "--n_sft_test=4",
-                "--n_mm_train=4", "--n_text_train", "4", "--n_mm_test=4", "--n_text_test=4", "--image_size=56"])
+    flags = "--seed 2 --n_sft=8 --mm_share 0.5 --n_sft_test=4 --n_mm_train=4 --n_text_train 4 --n_mm_test=4"
+    synth.main(["--out_dir", str(tmp_path / "d"), *flags.split(), "--n_text_test=4", "--image_size=56"])
     recs = read_jsonl(tmp_path / "d" / "sft.jsonl")
     assert len(recs) == 8 and sum(bool(r["images"]) for r in recs) == 4
     with Image.open(tmp_path / "d" / recs[[bool(r["images"]) for r in recs].index(True)]["images"][0]) as im:
@@ -228,7 +239,9 @@ def test_multiplication_skill():
     assert synth.problem_text(synth.Question("t_mul", 0, (4, 5))) == "What is 4 times 5?"
     cfg = synth.SynthConfig()
     space = synth.enumerate_space("t_mul", cfg)
-    assert {it.question.params for it in space} == {(a, b) for a in range(10) for b in range(10) if a * b <= 20}
+    assert {it.question.params for it in space} == {
+        (a, b) for a in range(10) for b in range(10) if a * b <= 20
+    }
     assert all(it.value <= cfg.max_answer for it in space)
 
 

@@ -28,9 +28,12 @@ def test_page_of_a_real_run_shows_every_rollout_image_and_number(synth_dir, tmp_
     import grpo_mm as G
 
     out = str(tmp_path / "run")
-    G.train(G.GRPOConfig(model="tiny", data=os.path.join(synth_dir, "mm_train.jsonl"), out_dir=out, max_steps=2,
-                         rollout_batch=4, group_size=4, max_new_tokens=16, mini_batch=16, micro_batch=16,
-                         save_every=0, eval_data=os.path.join(synth_dir, "mm_test.jsonl"), eval_limit=8))
+    data, eval_data = os.path.join(synth_dir, "mm_train.jsonl"), os.path.join(synth_dir, "mm_test.jsonl")
+    sizes = dict(max_steps=2, rollout_batch=4, group_size=4, max_new_tokens=16, mini_batch=16, micro_batch=16)
+    cfg = G.GRPOConfig(
+        model="tiny", data=data, out_dir=out, **sizes, save_every=0, eval_data=eval_data, eval_limit=8
+    )
+    G.train(cfg)
     path = V.main([out])  # data and group size come from final/revisual.json
     assert path == os.path.join(out, "rollouts.html")
     page = open(path, encoding="utf-8").read()
@@ -46,12 +49,14 @@ def test_page_of_a_real_run_shows_every_rollout_image_and_number(synth_dir, tmp_
         for key in ("reward", "acc", "format", "len_reward"):
             assert f"<th>{key}</th><td>{row[key]:.3f}</td>" in card
         adv = f"{row['advantage']:+.3f}"
-        assert re.search(rf"<th>advantage</th><td><span class='(pos|neg|zero)'>{re.escape(adv)}</span></td>", card)
+        want = rf"<th>advantage</th><td><span class='(pos|neg|zero)'>{re.escape(adv)}</span></td>"
+        assert re.search(want, card)
         assert f"<th>times_drawn</th><td>{row['times_drawn']}</td>" in card
         assert f"<th>tokens</th><td>{row['num_tokens']}</td>" in card
         assert ("kept x" in card) == row["kept"] and ("dropped" in card) == (not row["kept"])
     for pid in {r["prompt_id"] for r in rows}:  # each prompt with its own image and problem text
-        group = re.search(rf"<div class='group' data-prompt='{pid}'>.*?<div class='comps'>", section, re.S).group(0)
+        match = re.search(rf"<div class='group' data-prompt='{pid}'>.*?<div class='comps'>", section, re.S)
+        group = match.group(0)
         rec = records[pid]
         assert rec.images and f'src="{V.thumbnail_uri(rec.images[0], 192, {})}"' in group
         assert V.esc(rec.problem) in group and V.esc(rec.answer) in group
@@ -63,6 +68,12 @@ def test_page_of_a_real_run_shows_every_rollout_image_and_number(synth_dir, tmp_
     assert "http://" not in page and "https://" not in page  # nothing fetched from the network
 
 
+def _rollout_row(step: int, pid: str, text: str, k: int, n: int) -> dict:
+    row = {"step": step, "prompt_id": pid, "completion": text, "num_tokens": 2000, "truncated": False}
+    row |= {"reward": k / n, "acc": float(k % 2), "format": 1.0, "len_reward": 1.0, "advantage": k / n - 0.5}
+    return row | {"kept": k % 3 == 0, "times_drawn": int(k % 3 == 0)}
+
+
 def _write_run(root: str, steps: int, groups: int, n: int, chars: int, n_images: int, img_px: int) -> str:
     """A GRPO out_dir without training: rollouts.jsonl, metrics.jsonl, final/revisual.json and a data file."""
     from PIL import Image
@@ -71,28 +82,31 @@ def _write_run(root: str, steps: int, groups: int, n: int, chars: int, n_images:
     data_dir = os.path.join(root, "data")
     os.makedirs(os.path.join(data_dir, "img"))
     for i in range(n_images):  # noise: the worst case for the thumbnails' size
-        Image.frombytes("RGB", (img_px, img_px), rng.randbytes(img_px * img_px * 3)).save(f"{data_dir}/img/{i}.png")
+        noise = Image.frombytes("RGB", (img_px, img_px), rng.randbytes(img_px * img_px * 3))
+        noise.save(f"{data_dir}/img/{i}.png")
     n_prompts = 4 * groups
     with open(os.path.join(data_dir, "train.jsonl"), "w") as f:
         for p in range(n_prompts):
-            f.write(json.dumps({"id": f"p{p}", "problem": f"What is {p} + 1? <b>bold</b>", "answer": str(p + 1),
-                                "images": [f"img/{p % n_images}.png"]}) + "\n")
+            problem = f"What is {p} + 1? <b>bold</b>"
+            record = dict(id=f"p{p}", problem=problem, answer=str(p + 1), images=[f"img/{p % n_images}.png"])
+            f.write(json.dumps(record) + "\n")
     run = os.path.join(root, "run")
     os.makedirs(os.path.join(run, "final"))
     with open(os.path.join(run, "final", "revisual.json"), "w") as f:
-        json.dump({"config": {"data": os.path.join(data_dir, "train.jsonl"), "group_size": n, "stage": "grpo_mm"}}, f)
+        config = {"data": os.path.join(data_dir, "train.jsonl"), "group_size": n, "stage": "grpo_mm"}
+        json.dump({"config": config}, f)
     text = ("<think>& so " * (chars // 12 + 1))[:chars]
-    with open(os.path.join(run, "rollouts.jsonl"), "w") as f, open(os.path.join(run, "metrics.jsonl"), "w") as m:
+    with (
+        open(os.path.join(run, "rollouts.jsonl"), "w") as f,
+        open(os.path.join(run, "metrics.jsonl"), "w") as m,
+    ):
         for s in range(1, steps + 1):
-            m.write(json.dumps({"step": s, "reward": 0.5, "acc": 0.4, "zero_adv_frac": 0.5, "pad_kept": 9,
-                                "resp_len": 60.0} | ({"val_acc": 0.3} if s % 50 == 0 else {})) + "\n")
+            metrics = dict(step=s, reward=0.5, acc=0.4, zero_adv_frac=0.5, pad_kept=9, resp_len=60.0)
+            m.write(json.dumps(metrics | ({"val_acc": 0.3} if s % 50 == 0 else {})) + "\n")
             for g in range(groups):
                 pid = f"p{(s * groups + g) % n_prompts}"
                 for k in range(n):
-                    f.write(json.dumps({"step": s, "prompt_id": pid, "completion": text, "num_tokens": 2000,
-                                        "truncated": False, "reward": k / n, "acc": float(k % 2), "format": 1.0,
-                                        "len_reward": 1.0, "advantage": k / n - 0.5, "kept": k % 3 == 0,
-                                        "times_drawn": int(k % 3 == 0)}) + "\n")
+                    f.write(json.dumps(_rollout_row(s, pid, text, k, n)) + "\n")
     return run
 
 
@@ -122,9 +136,11 @@ def test_model_text_is_escaped(tmp_path):
     rows[-1]["prompt_id"] = rows[-2]["prompt_id"] = "p1'><script>"
     with open(os.path.join(run, "rollouts.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.remove(os.path.join(run, "metrics.jsonl"))  # the steps then come from rollouts.jsonl, the curves are empty
+    # the steps then come from rollouts.jsonl, the curves are empty
+    os.remove(os.path.join(run, "metrics.jsonl"))
     page = open(V.build(V.ViewerConfig(run_dir=run)), encoding="utf-8").read()
-    assert "<option>step 1</option><option>step 2</option>" in page and page.count("(not logged)") == len(V.CURVES)
+    assert "<option>step 1</option><option>step 2</option>" in page
+    assert page.count("(not logged)") == len(V.CURVES)
     assert page.count("<script") == 1  # ours only
     assert "onerror=alert(1)>" not in page and "<img src=x" not in page
     assert html.escape('<script>alert("x")</script>', quote=True) in page
