@@ -346,12 +346,8 @@ class Policy(nn.Module):
         mm_p = (ids_p == cfg.image_token_id).int()
         pos_p = position_ids_for(self.model, ids_p, mask_p, grid, mm_p)
         next_pos = pos_p.masked_fill(mask_p[None] == 0, -1).amax(dim=(0, 2)) + 1
-        unique = dedupe_images(pv, grid) if pv is not None and self.dedupe_images else None
         common = dict(attention_mask=mask_p, position_ids=pos_p, mm_token_type_ids=mm_p, use_cache=True)
-        if unique is None:
-            out = self.model.model(input_ids=ids_p, pixel_values=pv, image_grid_thw=grid, **common)
-        else:
-            out = self.model.model(inputs_embeds=self.embeds_with_images(ids_p, *unique), **common)
+        out = self._decoder(ids_p, pv, grid, **common)
         cache = output_cache(out)
         idx = torch.tensor(group_of, device=dev)
         h_first = out.last_hidden_state[:, -1][idx]  # (B, H): predicts each row's first completion token
@@ -405,17 +401,23 @@ class Policy(nn.Module):
             order = [b for row in rows for b in row]
             pv = torch.cat([blocks[b] for b in order])
             grid = image_grid_thw[[i for b in order for i in range(first[b], first[b] + per_seq[b])]]
-        unique = dedupe_images(pv, grid) if pv is not None and self.dedupe_images else None
         # varlen: no mask built (NO_MASK); else None, and transformers builds the block-diagonal mask from pos[0]
         mask = NO_MASK if varlen else None
-        common = dict(attention_mask=mask, position_ids=pos, mm_token_type_ids=mm, use_cache=False)
-        if unique is None:
-            out = self.model.model(input_ids=ids, pixel_values=pv, image_grid_thw=grid, **common)
-        else:
-            out = self.model.model(inputs_embeds=self.embeds_with_images(ids, *unique), **common)
+        out = self._decoder(
+            ids, pv, grid, attention_mask=mask, position_ids=pos, mm_token_type_ids=mm, use_cache=False
+        )
         hidden = out.last_hidden_state.flatten(0, 1)  # (R * W, H)
         # Token (b, t) is predicted by the hidden state of token (b, t - 1), wherever that landed in the rows.
         return hidden[where[:, :-1][sel[:, 1:]]]
+
+    def _decoder(self, ids: torch.Tensor, pixels: torch.Tensor | None, grid: torch.Tensor | None, **kwargs):
+        """The text model's output on token ids `ids` with their images (`pixels`, `grid`; None: no image). With
+        `dedupe_images`, a batch's repeated images (a group's n samples repeat their prompt's) go through the
+        vision tower once."""
+        unique = dedupe_images(pixels, grid) if pixels is not None and self.dedupe_images else None
+        if unique is None:
+            return self.model.model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, **kwargs)
+        return self.model.model(inputs_embeds=self.embeds_with_images(ids, *unique), **kwargs)
 
     def embeds_with_images(self, input_ids, pixel_values, image_grid_thw, inverse) -> torch.Tensor:
         """Token embeddings with every image's features in its <|image_pad|> slots; the tower runs on the distinct
@@ -457,13 +459,8 @@ class Policy(nn.Module):
             h_sel = self._shared_prefix_hidden(input_ids, attention_mask, sel, pv, grid)
         else:
             position_ids = position_ids_for(self.model, input_ids, attention_mask, grid, mm_token_type_ids)
-            unique = dedupe_images(pv, grid) if has_images and self.dedupe_images else None
             common = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-            common["mm_token_type_ids"] = mm_token_type_ids
-            if unique is None:
-                out = self.model.model(input_ids=input_ids, pixel_values=pv, image_grid_thw=grid, **common)
-            else:  # a group's n sequences share their image: the tower runs once per distinct image
-                out = self.model.model(inputs_embeds=self.embeds_with_images(input_ids, *unique), **common)
+            out = self._decoder(input_ids, pv, grid, mm_token_type_ids=mm_token_type_ids, **common)
             hidden = out.last_hidden_state  # (B, T, H), after the final norm
             h_sel = hidden[torch.roll(sel, shifts=-1, dims=1)]  # src[b, t-1] = sel[b, t]
         logp_sel, ent_sel = token_logprobs(
