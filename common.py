@@ -164,7 +164,9 @@ def parse_config(cls, argv: list[str] | None = None):
 
 
 def main_guard(fn, cls):
-    """Run `fn(cfg)`; bad configuration or data exits non-zero with one clear line."""
+    """Run `fn(cfg)`; bad configuration or data exits non-zero with one clear line. The process group is
+    destroyed on the way out, whatever happened: a gloo group left to the interpreter's shutdown can abort the
+    process ("terminate called without an active exception", pytorch/pytorch#190489) after its work is done."""
     from data import DataError
 
     try:
@@ -175,6 +177,9 @@ def main_guard(fn, cls):
         fn(cfg)
     except (DataError, ConfigError, NonFiniteError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------

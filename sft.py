@@ -70,7 +70,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 import common as C
 import data as D
@@ -543,8 +542,6 @@ def train(cfg: SFTConfig) -> str:
     C.barrier(d)
     if run is not None:
         run.finish()
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return final
 
 
