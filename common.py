@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import faulthandler
 import json
 import os
 import random
@@ -164,11 +165,17 @@ def parse_config(cls, argv: list[str] | None = None):
 
 
 def main_guard(fn, cls):
-    """Run `fn(cfg)`; bad configuration or data exits non-zero with one clear line. The process group is
-    destroyed on the way out, whatever happened: a gloo group left to the interpreter's shutdown can abort the
-    process ("terminate called without an active exception", pytorch/pytorch#190489) after its work is done."""
+    """Run `fn(cfg)`; bad configuration or data exits non-zero with one clear line.
+
+    A distributed run (a process group is up) ends in `_leave`: the group is destroyed and the process exits
+    without the interpreter's shutdown. Left to that shutdown, gloo's threads can still hold Python objects while
+    the interpreter is torn down, and the rank aborts after its work is done ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#190489, #179291): seen in CI on rank 1 after SFT's final save."""
     from data import DataError
 
+    # `kill -USR1 PID` prints every thread's Python stack to stderr and the process carries on: where a hung
+    # rank waits (tests/conftest.py's run_command does it to a stage that overruns its time).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         cfg = parse_config(cls)
     except ConfigError as e:
@@ -176,10 +183,24 @@ def main_guard(fn, cls):
     try:
         fn(cfg)
     except (DataError, ConfigError, NonFiniteError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        _leave(1)
+    if dist.is_initialized():
+        _leave(0)
+
+
+def _leave(code: int) -> None:
+    """Destroy the process group, flush what the process wrote, exit with `code` at once (no atexit handlers:
+    math-verify children exit when their pipe closes; files are closed where they are written)."""
+    import logging
+
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """Shared fixtures: the tiny model (built once per session) and a small synthetic data set."""
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -10,6 +14,52 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _descendants(pid: int) -> list[int]:
+    """`pid`'s children, their children, ... (from /proc/PID/stat's ppid; torchrun starts each rank in a session
+    of its own, so neither the session nor the process group finds them)."""
+    parent = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent[int(entry)] = int(
+                    f.read().rsplit(")", 1)[1].split()[1]
+                )  # after "(comm)": state ppid ...
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, pp in parent.items() if pp in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def run_command(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs), except on timeout: every
+    process started by the command but torchrun's launcher gets SIGUSR1 first (a stage prints its threads' Python
+    stacks: common.main_guard), then all of them are killed and the test fails with the end of stderr, so a hang
+    in CI says where each rank waited."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pids = [proc.pid, *_descendants(proc.pid)]
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"torch.distributed.run" not in f.read():
+                        os.kill(pid, signal.SIGUSR1)
+            except (OSError, ProcessLookupError):
+                pass
+        time.sleep(3)  # the stacks reach stderr
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {' '.join(cmd)}\nstderr (end):\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ torchrun's own argument parser, and a field means the same thing with the same t
 
 import dataclasses
 import os
+import sys
 import typing
 
 import pytest
@@ -14,7 +15,7 @@ import grpo_mm
 import grpo_text
 import sft
 import synth
-from conftest import ROOT
+from conftest import ROOT, run_command
 
 STAGES = {
     "sft.py": sft.SFTConfig,
@@ -121,3 +122,42 @@ def test_every_shipped_config_parses_and_validates(name):
         sft.validate(cfg)
     else:
         grpo_mm.validate_config(cfg, world=8)
+
+
+HANGING_STAGE = """
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, {root!r})
+import common
+
+
+@dataclass
+class WaitConfig:
+    seconds: float = 300.0  # how long to wait
+
+
+def wait_for_the_other_rank(cfg):
+    time.sleep(cfg.seconds)
+
+
+common.main_guard(wait_for_the_other_rank, WaitConfig)
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_that_overruns_says_where_each_rank_waits(tmp_path):
+    """A stage hung under torchrun: the tests' run_command sends SIGUSR1 to the ranks (not to torchrun), each
+    rank's faulthandler (registered by common.main_guard) prints its Python stack, then everything is killed and
+    the test fails with that stack."""
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_STAGE.format(root=ROOT))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    with pytest.raises(pytest.fail.Exception) as failure:
+        run_command([*torchrun, str(script)], timeout=20)
+    message = str(failure.value)
+    assert message.startswith("timed out after 20 s")
+    assert "wait_for_the_other_rank" in message  # where the ranks waited
+    # each rank prints two frames of hang.py (its function, the module); the two ranks' lines may interleave
+    assert message.count("hang.py") >= 1 + 2

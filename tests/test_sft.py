@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import common as C
 import data as D
 import model as M
 import sft
-from conftest import ROOT
+from conftest import ROOT, run_command
 
 CONFIGS = os.path.join(ROOT, "configs")
 
@@ -31,7 +30,7 @@ def run_sft(args: list[str], nproc: int = 1, env: dict | None = None, timeout: i
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     launcher = [sys.executable] if nproc == 1 else torchrun
     cmd = launcher + [os.path.join(ROOT, "sft.py")] + args
-    return subprocess.run(cmd, cwd=ROOT, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+    return run_command(cmd, timeout, cwd=ROOT, env=env or _env())
 
 
 def read_metrics(out_dir: str) -> list[dict]:
