@@ -62,6 +62,24 @@ def run_command(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complete
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def sized_tiny_config(base, width: int, mrope_section: list[int], **text):
+    """`base` (model.tiny_config: the tiny model's special ids) resized: a `width`-wide text decoder with the given
+    `text` fields over model.TINY_TEXT, rope theta 1e6 with `mrope_section`, the vision merger's output `width` wide,
+    embeddings untied. For tests that need a model larger than `tiny` but of the same family and vocabulary."""
+    from transformers import Qwen2_5_VLConfig
+
+    import model as M
+
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section}
+    ids = {k: getattr(base.text_config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    text_config = dict(M.TINY_TEXT, hidden_size=width, tie_word_embeddings=False, rope_parameters=rope, **ids)
+    text_config.update(text)
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    vision = dict(M.TINY_VISION, out_hidden_size=width)
+    kw = {k: getattr(base, k) for k in names}
+    return Qwen2_5_VLConfig(text_config=text_config, vision_config=vision, tie_word_embeddings=False, **kw)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, processor) of the built-in `tiny` model, seed 0. Tests must not modify the model in place."""

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import model as M
-from conftest import ROOT
+from conftest import ROOT, sized_tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -32,31 +32,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def mid_checkpoint(tmp_path_factory) -> str:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     tok = M.build_tokenizer("tiny-qwen")
     base = M.tiny_config(tok)
-    text = dict(
-        M.TINY_TEXT,
-        hidden_size=128,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        vocab_size=base.text_config.vocab_size,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-        bos_token_id=base.text_config.bos_token_id,
-        eos_token_id=base.text_config.eos_token_id,
-        pad_token_id=base.text_config.pad_token_id,
-    )
-    cfg = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=dict(M.TINY_VISION, out_hidden_size=128),
-        image_token_id=base.image_token_id,
-        video_token_id=base.video_token_id,
-        vision_start_token_id=base.vision_start_token_id,
-        vision_end_token_id=base.vision_end_token_id,
-        tie_word_embeddings=False,
-    )
+    layers = dict(intermediate_size=4096, num_hidden_layers=24, vocab_size=base.text_config.vocab_size)
+    cfg = sized_tiny_config(base, 128, [4, 6, 6], **layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Qwen2_5_VLForConditionalGeneration._from_config(

@@ -22,7 +22,7 @@ import torch
 from test_commands import torchrun
 
 import model as M
-from conftest import ROOT
+from conftest import ROOT, sized_tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -31,36 +31,15 @@ NEW_TOKENS = 192
 
 def mid_run_inputs(root, vocab: int) -> tuple[str, str, int]:
     """(checkpoint dir, RL data file, longest prompt in tokens) for the mid-size model with `vocab` rows."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     import data as D
     import synth
 
     tok = M.build_tokenizer("tiny")
     base = M.tiny_config(tok)
-    text = dict(
-        M.TINY_TEXT,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
-        bos_token_id=base.text_config.bos_token_id,
-        eos_token_id=base.text_config.eos_token_id,
-        pad_token_id=base.text_config.pad_token_id,
-    )
-    cfg = Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=dict(M.TINY_VISION, out_hidden_size=512),
-        image_token_id=base.image_token_id,
-        video_token_id=base.video_token_id,
-        vision_start_token_id=base.vision_start_token_id,
-        vision_end_token_id=base.vision_end_token_id,
-        tie_word_embeddings=False,
-    )
+    layers = dict(intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2)
+    cfg = sized_tiny_config(base, 512, [8, 12, 12], vocab_size=vocab, **layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Qwen2_5_VLForConditionalGeneration._from_config(
